@@ -1,0 +1,473 @@
+"""The HARD prior: reweighted group-ARD state, its update, the penalty and pruning.
+
+Pure, jit-able functions in the optax style (an ``init``/``update`` pair over a NamedTuple state). No
+I/O and no config reads: hyper-parameters come in as plain arguments.
+
+Notation (spec sections 3.3, 4). Per cell type ``tau`` the switches are ``s = switches[tau]``,
+``f32[n, E, K]`` with ``K = 1 + n_ops`` and index 0 = the edge's origin switch. The copies of one
+(edge, switch) across the ``n`` cells of the type form one group ``g = (tau, e, k)`` with group vector
+``S_g = s[:, e, k]``. ``lambda_k`` is ``lambda_origin`` for ``k = 0`` and ``lambda_op`` otherwise.
+
+One outer iteration of BayesNAS (spec 4.4, 11):
+
+1. train weights and switches for an epoch on ``data_loss + penalty(switches, state, ...)``
+   (reweighted group-l1, spec 4.1), or with `prox_group_l1` steps instead of the penalty gradient;
+2. compute the diagonal curvature ``h`` of the data loss w.r.t. the switches (``bnas_jax.curvature``);
+3. ``state = update(state, switches, h, ...)`` (spec 4.2 in the stable forms of spec 10) - this also
+   prunes groups whose prior variance ``gamma`` fell below a threshold;
+4. ``switches = apply_mask(switches, state.alive)`` so that pruned switches are exactly zero, and keep
+   them there with `mask_updates` in the switch optimizer.
+
+Stable forms used by `update` (spec 4.3, 10), for ``H = h / lambda_k`` (``h`` clamped at 0) and the
+previous per-cell prior variance ``gamma >= 0``:
+
+* posterior variance ``C = (1/gamma + H)^-1 = gamma / (1 + gamma H)`` (exact 0 at ``gamma = 0``, no
+  division by ``gamma``);
+* tangent weight ``omega_g^2 = sum_c (1/gamma_c - C_c/gamma_c^2) = sum_c H_c / (1 + gamma_c H_c)``
+  (no cancellation as ``gamma -> 0``; never negative), then ``omega_g = max(sqrt(.), eps_omega)``;
+* ``gamma_raw = ||S_g||_2 / omega_g``;
+* hierarchy (origin first, then ops): ``gamma_op = (1/gamma_raw + 1/gamma_origin)^-1`` evaluated as
+  ``min / (1 + min/max)`` of the pair, which is exact, needs no eps and gives 0 for (0, 0), ``x`` for
+  (x, inf) and inf for (inf, inf) instead of NaN.
+
+Fidelity note (spec 4.2 step 3, 9.4): the original code evaluates ``1/gamma* - C_c/gamma*^2`` with
+``gamma*`` = the gamma of the *last* cell of the type for every cell ``c`` (a leftover loop variable)
+and takes ``abs`` before the square root. This is a bug: the ARD tangent slope of cell ``c`` needs its
+own ``gamma_c``. It only matters when the per-cell gammas differ, i.e. at the first update after the
+original's random ``U(0, 1)`` initialisation (afterwards gamma is broadcast over the group). `update`
+uses the per-cell form; ``fidelity=True`` reproduces the quirk.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+Switches = Mapping[str, Array]  # {tau: f32[n, E, K]}
+GroupTree = Mapping[str, Array]  # {tau: [E, K]}
+
+EPS_OMEGA = 1e-6  # lower clamp of omega_g (spec 10: omega = 0 when H = 0 would give gamma = inf)
+EPS_NORM = 1e-12  # added under the sqrt of ||S_g|| in `penalty` (gradient finite at S_g = 0)
+PRUNE_MODES = ("absolute", "relative")
+
+
+class HardPriorState(NamedTuple):
+  """State of the HARD prior, one entry per cell type ``tau``.
+
+  All per-cell fields are broadcast over the ``n`` cells of a group after an `update` (they differ per
+  cell only after a random `init`). Dead groups have ``gamma == 0`` exactly.
+  """
+  gamma: dict[str, Array]  # {tau: f32[n, E, K]} prior variance after the hierarchy step, >= 0
+  omega: dict[str, Array]  # {tau: f32[E, K]} tangent weight of the reweighted group-l1, > 0
+  posterior_variance: dict[str, Array]  # {tau: f32[n, E, K]} Laplace C = (1/gamma + H)^-1
+  curvature: dict[str, Array]  # {tau: f32[n, E, K]} H = max(h, 0) / lambda_k (kept for logging)
+  alive: dict[str, Array]  # {tau: bool[E, K]} group mask; only ever shrinks
+  count: Array  # i32[] number of `update` calls so far
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks (all on static shapes, so they also work under jit).
+
+
+def _check_switches(switches: Switches, name: str = "switches") -> None:
+  if not isinstance(switches, Mapping) or not switches:
+    raise ValueError(f"{name} must be a non-empty dict {{cell_type: f32[n, E, K]}}, got "
+                     f"{type(switches).__name__}")
+  for tau, s in switches.items():
+    if jnp.ndim(s) != 3:
+      raise ValueError(f"{name}[{tau!r}] must have shape [n_cells, E, 1 + n_ops], got shape "
+                       f"{jnp.shape(s)}; pass one array per cell type (no batch axis)")
+
+
+def _check_like(tree: Mapping[str, Any], switches: Switches, name: str, group_level: bool) -> None:
+  if set(tree) != set(switches):
+    raise ValueError(f"{name} has cell types {sorted(tree)} but switches have {sorted(switches)}")
+  for tau, s in switches.items():
+    want = jnp.shape(s)[1:] if group_level else jnp.shape(s)
+    if jnp.shape(tree[tau]) != want:
+      raise ValueError(f"{name}[{tau!r}] has shape {jnp.shape(tree[tau])}, expected {want} "
+                       f"(matching switches[{tau!r}] of shape {jnp.shape(s)})")
+
+
+def _check_positive(value: Any, name: str) -> None:
+  # Only concrete Python numbers can be checked; traced values pass through.
+  if isinstance(value, numbers.Real) and not value > 0:
+    raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _lambda_vector(num_switches: int, lambda_origin, lambda_op, dtype) -> Array:
+  """``f32[K]``: ``lambda_origin`` at index 0, ``lambda_op`` at 1..K-1."""
+  lam = jnp.full((num_switches,), lambda_op, dtype=dtype)
+  return lam.at[0].set(jnp.asarray(lambda_origin, dtype))
+
+
+def _float_dtype(x: Array):
+  x = jnp.asarray(x)
+  return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# init / update.
+
+
+def init(switches: Switches, *, key: Array | None = None, random_init: bool = False,
+         gamma_init: float = 1.0, omega_init: float = 1.0,
+         alive: GroupTree | None = None) -> HardPriorState:
+  """Initial HARD-prior state for `switches`.
+
+  Args:
+    switches: ``{tau: f32[n, E, K]}``; only shapes and dtypes are read.
+    key: PRNG key, required when ``random_init``.
+    random_init: if True, reproduce the original code (spec 4.2 "Initial values"): gamma ~ U(0, 1)
+      independently per cell and switch, omega ~ U(0, 1) per group (the original draws omega per cell
+      too but only ever reads cell 0). Otherwise gamma = `gamma_init`, omega = `omega_init` (spec 10's
+      reproducible default, 1 and 1).
+    gamma_init: deterministic initial prior variance (> 0).
+    omega_init: deterministic initial penalty weight (> 0).
+    alive: optional initial group mask ``{tau: bool[E, K]}`` (default all alive); dead groups start
+      with gamma = 0.
+
+  Returns:
+    A `HardPriorState` with C = gamma (the posterior variance before any curvature, H = 0), H = 0
+    and ``count = 0``.
+
+  Raises:
+    ValueError: bad switch shapes, a mask of the wrong shape, ``random_init`` without `key`, or a
+      non-positive `gamma_init` / `omega_init`.
+  """
+  _check_switches(switches)
+  _check_positive(gamma_init, "gamma_init")
+  _check_positive(omega_init, "omega_init")
+  if random_init and key is None:
+    raise ValueError("random_init=True needs a PRNG key: init(switches, key=jax.random.key(seed), "
+                     "random_init=True)")
+  if alive is not None:
+    _check_like(alive, switches, "alive", group_level=True)
+  taus = sorted(switches)
+  keys = dict(zip(taus, jax.random.split(key, len(taus)))) if random_init else {}
+  gamma, omega, post, curv, mask = {}, {}, {}, {}, {}
+  for tau in taus:
+    shape, dtype = jnp.shape(switches[tau]), _float_dtype(switches[tau])
+    if random_init:
+      k_gamma, k_omega = jax.random.split(keys[tau])
+      g = jax.random.uniform(k_gamma, shape, dtype)
+      w = jax.random.uniform(k_omega, shape[1:], dtype)
+    else:
+      g = jnp.full(shape, gamma_init, dtype)
+      w = jnp.full(shape[1:], omega_init, dtype)
+    m = jnp.ones(shape[1:], bool) if alive is None else jnp.asarray(alive[tau], bool)
+    g = jnp.where(m[None], g, 0.0)
+    gamma[tau], omega[tau], post[tau] = g, w, g
+    curv[tau], mask[tau] = jnp.zeros(shape, dtype), m
+  return HardPriorState(gamma=gamma, omega=omega, posterior_variance=post, curvature=curv,
+                        alive=mask, count=jnp.zeros((), jnp.int32))
+
+
+def series_variance(a: Array, b: Array) -> Array:
+  """``(1/a + 1/b)^-1`` for ``a, b >= 0`` (two variances in series), without NaN.
+
+  Evaluated as ``lo / (1 + lo/hi)`` with ``lo = min(a, b)``, ``hi = max(a, b)``: exact, and gives 0 if
+  either is 0, ``a`` if ``b = inf``, ``inf`` if both are inf (spec 10, hierarchy step).
+  """
+  lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+  ratio = jnp.where(hi > 0, lo / jnp.where(hi > 0, hi, 1.0), 0.0)
+  ratio = jnp.where(jnp.isinf(lo), 1.0, ratio)  # lo = inf implies hi = inf
+  return lo / (1.0 + ratio)
+
+
+def _omega_sq(gamma: Array, curv: Array, fidelity: bool) -> tuple[Array, Array]:
+  """Posterior variance ``C`` f32[n, E, K] and ``omega^2`` f32[E, K] (spec 4.2 steps 2-3)."""
+  post = gamma / (1.0 + gamma * curv)
+  if not fidelity:
+    return post, jnp.sum(curv / (1.0 + gamma * curv), axis=0)
+  # Original code: gamma* = the last cell's gamma for every cell, abs() before the sqrt. Written as
+  # |gamma* - C_c| / gamma*^2 with gamma* - C_c = (gamma* - gamma_c + gamma* gamma_c H_c)/(1+gamma_c H_c),
+  # which equals H/(1 + gamma H) exactly when gamma_c = gamma*. gamma* is floored at tiny to stay finite.
+  g_star = jnp.maximum(gamma[-1:], jnp.finfo(gamma.dtype).tiny)
+  diff = (g_star - gamma + g_star * gamma * curv) / (1.0 + gamma * curv)
+  return post, jnp.sum(jnp.abs(diff) / g_star**2, axis=0)
+
+
+def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_origin: float,
+           lambda_op: float, prune_threshold: float, prune_mode: str = "absolute",
+           eps_omega: float = EPS_OMEGA, fidelity: bool = False) -> HardPriorState:
+  """One HARD-prior update after an epoch (spec 4.2, stable forms of spec 10) plus pruning.
+
+  Per cell type and group ``g = (e, k)`` (``lambda_k`` = `lambda_origin` for k = 0, else `lambda_op`):
+
+  1. ``H_c = max(h_c, 0) / lambda_k`` (negative curvature, possible with an exact Hessian, is clamped);
+  2. ``C_c = gamma_c / (1 + gamma_c H_c)`` with the previous per-cell ``gamma_c`` (clamped >= 0);
+  3. ``omega_g = max(sqrt(sum_c H_c / (1 + gamma_c H_c)), eps_omega)``;
+  4. ``gamma_raw = ||S_g||_2 / omega_g``;
+  5. origin first: ``gamma_origin = gamma_raw[e, 0]`` (0 if the origin is dead); then each op
+     ``gamma = series_variance(gamma_raw[e, k], gamma_origin[e])``;
+  6. pruning: a live group dies when ``gamma < prune_threshold`` ('absolute') or
+     ``gamma < prune_threshold * max(live gamma of this cell type)`` ('relative'). A dead origin kills
+     every op of its edge; an origin whose ops are all dead is dead too (its edge carries nothing).
+     Dead groups never come back and get ``gamma = 0`` exactly;
+  7. gamma and omega are broadcast to every cell of the group.
+
+  Args:
+    state: the previous `HardPriorState`.
+    switches: ``{tau: f32[n, E, K]}`` current switch values (after the epoch).
+    h: ``{tau: f32[n, E, K]}`` diagonal curvature of the data loss w.r.t. each switch (spec 6).
+    lambda_origin: regularisation strength of origin switches (> 0), spec 3.4.
+    lambda_op: regularisation strength of op switches (> 0), spec 3.4 (``lambda_child``).
+    prune_threshold: threshold on gamma (>= 0); 0 disables pruning (gamma is never negative).
+    prune_mode: 'absolute' or 'relative' (threshold relative to the largest live gamma of the type).
+    eps_omega: lower clamp of omega (> 0); keeps gamma_raw finite when H = 0.
+    fidelity: reproduce the original's gamma* quirk in step 3 (see module docstring).
+
+  Returns:
+    The new `HardPriorState` (``count`` incremented). Finite for zero switches, zero or negative
+    curvature and zero gammas.
+
+  Raises:
+    ValueError: mismatched cell types or shapes, non-positive lambdas / eps_omega, a negative
+      threshold or an unknown `prune_mode`.
+  """
+  _check_switches(switches)
+  _check_like(h, switches, "h", group_level=False)
+  _check_like(state.gamma, switches, "state.gamma", group_level=False)
+  _check_like(state.alive, switches, "state.alive", group_level=True)
+  _check_positive(lambda_origin, "lambda_origin")
+  _check_positive(lambda_op, "lambda_op")
+  _check_positive(eps_omega, "eps_omega")
+  if isinstance(prune_threshold, numbers.Real) and prune_threshold < 0:
+    raise ValueError(f"prune_threshold must be >= 0 (0 disables pruning), got {prune_threshold}")
+  if prune_mode not in PRUNE_MODES:
+    raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
+
+  gamma, omega, post, curv, alive = {}, {}, {}, {}, {}
+  for tau in sorted(switches):
+    s = jnp.asarray(switches[tau])
+    dtype = _float_dtype(s)
+    s = s.astype(dtype)
+    n = s.shape[0]
+    lam = _lambda_vector(s.shape[-1], lambda_origin, lambda_op, dtype)
+    hc = jnp.maximum(jnp.asarray(h[tau], dtype), 0.0) / lam  # [n, E, K]
+    alive_prev = jnp.asarray(state.alive[tau], bool)  # [E, K]
+    g_prev = jnp.maximum(jnp.asarray(state.gamma[tau], dtype), 0.0)  # [n, E, K]
+
+    c, w_sq = _omega_sq(g_prev, hc, fidelity)
+    w = jnp.maximum(jnp.sqrt(w_sq), eps_omega)  # [E, K]
+    norm = jnp.sqrt(jnp.sum(s * s, axis=0))  # [E, K]
+    g_raw = norm / w
+
+    g_origin = jnp.where(alive_prev[:, 0], g_raw[:, 0], 0.0)  # [E]
+    g_ops = series_variance(g_raw[:, 1:], g_origin[:, None])  # [E, K-1]
+    g_new = jnp.concatenate([g_origin[:, None], g_ops], axis=1)
+    g_new = jnp.where(alive_prev, g_new, 0.0)
+
+    if prune_mode == "absolute":
+      thr = jnp.asarray(prune_threshold, dtype)
+    else:
+      thr = prune_threshold * jnp.max(jnp.where(alive_prev, g_new, 0.0))
+    a = alive_prev & ~(g_new < thr)
+    origin_alive = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
+    a = jnp.concatenate([origin_alive[:, None], a[:, 1:] & origin_alive[:, None]], axis=1)
+
+    g_new = jnp.where(a, g_new, 0.0)
+    gamma[tau] = jnp.broadcast_to(g_new[None], (n, *g_new.shape))
+    omega[tau], post[tau], curv[tau], alive[tau] = w, c, hc, a
+  return HardPriorState(gamma=gamma, omega=omega, posterior_variance=post, curvature=curv,
+                        alive=alive, count=state.count + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Penalty, proximal step and masking.
+
+
+def _omega_alive(state_or_omega, alive) -> tuple[GroupTree, GroupTree | None]:
+  if isinstance(state_or_omega, HardPriorState):
+    return state_or_omega.omega, state_or_omega.alive if alive is None else alive
+  return state_or_omega, alive
+
+
+def penalty(switches: Switches, state_or_omega: HardPriorState | GroupTree,
+            lambda_origin: float, lambda_op: float, *, alive: GroupTree | None = None,
+            eps: float = EPS_NORM) -> Array:
+  """Reweighted group-l1 penalty ``sum_g lambda_k omega_g ||S_g||_2`` (spec 4.1).
+
+  The norm is smoothed as ``sqrt(sum_c s_c^2 + eps) - sqrt(eps)``: the value is exactly 0 at
+  ``S_g = 0`` and differs from ``||S_g||`` by less than ``sqrt(eps)``; the gradient
+  ``lambda omega S / sqrt(||S||^2 + eps)`` stays finite (0) at ``S_g = 0`` and has magnitude < 1 per
+  unit weight (the exact group-lasso gradient ``S/||S||`` is singular there, spec 10). omega is held
+  fixed (``stop_gradient``); dead groups contribute nothing and get zero gradient.
+
+  Args:
+    switches: ``{tau: f32[n, E, K]}``.
+    state_or_omega: a `HardPriorState` (its ``omega`` and ``alive`` are used) or an omega tree
+      ``{tau: f32[E, K]}`` (then all groups count unless `alive` is given).
+    lambda_origin: strength for origin switches (k = 0).
+    lambda_op: strength for op switches (k >= 1).
+    alive: optional group mask ``{tau: bool[E, K]}``; overrides the state's.
+    eps: smoothing under the square root (> 0); default `EPS_NORM` = 1e-12 (sqrt = 1e-6).
+
+  Returns:
+    f32[] the penalty, to be added to the mean data loss.
+
+  Raises:
+    ValueError: mismatched cell types or shapes, non-positive eps.
+  """
+  _check_switches(switches)
+  _check_positive(eps, "eps")
+  omega, alive = _omega_alive(state_or_omega, alive)
+  _check_like(omega, switches, "omega", group_level=True)
+  if alive is not None:
+    _check_like(alive, switches, "alive", group_level=True)
+  total = 0.0
+  for tau in sorted(switches):
+    s = jnp.asarray(switches[tau])
+    dtype = _float_dtype(s)
+    w = jax.lax.stop_gradient(jnp.asarray(omega[tau], dtype))
+    lam = _lambda_vector(s.shape[-1], lambda_origin, lambda_op, dtype)
+    norm = jnp.sqrt(jnp.sum(s * s, axis=0) + eps) - jnp.sqrt(jnp.asarray(eps, dtype))
+    term = lam * w * norm
+    if alive is not None:
+      term = jnp.where(jnp.asarray(alive[tau], bool), term, 0.0)
+    total = total + jnp.sum(term)
+  return jnp.asarray(total)
+
+
+def prox_group_l1(switches: Switches, state_or_omega: HardPriorState | GroupTree,
+                  lambda_origin: float, lambda_op: float, step_size: float, *,
+                  alive: GroupTree | None = None) -> dict[str, Array]:
+  """Proximal operator of ``step_size * penalty``: the group soft-threshold.
+
+  ``S_g <- max(0, 1 - step_size lambda_k omega_g / ||S_g||_2) S_g``; groups with ``||S_g|| = 0`` or
+  dead groups become exactly 0. Use it after a gradient step on the data loss alone
+  (``penalty_mode='proximal'``), with ``step_size`` = that step's learning rate; this is exact
+  proximal gradient for plain SGD and the usual heuristic with momentum.
+
+  Args:
+    switches: ``{tau: f32[n, E, K]}``.
+    state_or_omega: a `HardPriorState` or an omega tree ``{tau: f32[E, K]}`` (as in `penalty`).
+    lambda_origin: strength for origin switches.
+    lambda_op: strength for op switches.
+    step_size: the step size (>= 0).
+    alive: optional group mask overriding the state's.
+
+  Returns:
+    ``{tau: f32[n, E, K]}`` the shrunk switches.
+  """
+  _check_switches(switches)
+  omega, alive = _omega_alive(state_or_omega, alive)
+  _check_like(omega, switches, "omega", group_level=True)
+  if alive is not None:
+    _check_like(alive, switches, "alive", group_level=True)
+  out = {}
+  for tau in sorted(switches):
+    s = jnp.asarray(switches[tau])
+    dtype = _float_dtype(s)
+    lam = _lambda_vector(s.shape[-1], lambda_origin, lambda_op, dtype)
+    thr = step_size * lam * jnp.asarray(omega[tau], dtype)  # [E, K]
+    norm = jnp.sqrt(jnp.sum(s * s, axis=0))
+    scale = jnp.where(norm > thr, 1.0 - thr / jnp.where(norm > 0, norm, 1.0), 0.0)
+    if alive is not None:
+      scale = jnp.where(jnp.asarray(alive[tau], bool), scale, 0.0)
+    out[tau] = (s * scale[None]).astype(dtype)
+  return out
+
+
+def apply_mask(switches: Switches, alive: GroupTree) -> dict[str, Array]:
+  """Sets the switches of dead groups to exactly 0.
+
+  Works for any switch-shaped tree (switches, gradients, momentum buffers).
+
+  Args:
+    switches: ``{tau: f32[n, E, K]}``.
+    alive: ``{tau: bool[E, K]}`` group mask.
+
+  Returns:
+    ``{tau: f32[n, E, K]}`` with ``out[tau][:, e, k] == 0`` wherever ``not alive[tau][e, k]``.
+  """
+  _check_switches(switches)
+  _check_like(alive, switches, "alive", group_level=True)
+  return {tau: jnp.where(jnp.asarray(alive[tau], bool)[None], s, jnp.zeros_like(s))
+          for tau, s in switches.items()}
+
+
+def mask_updates(alive: GroupTree | None = None) -> optax.GradientTransformationExtraArgs:
+  """optax transformation zeroing the updates of dead switch groups.
+
+  Put it last in the switch optimizer so that pruned switches, once set to 0 by `apply_mask`, stay
+  exactly 0 whatever the earlier transformations (momentum buffers, weight decay) hold::
+
+    tx = optax.chain(optax.sgd(lr, momentum=0.9), bayes.mask_updates())
+    updates, opt_state = tx.update(grads, opt_state, switches, alive=state.alive)
+
+  Args:
+    alive: a fixed group mask ``{tau: bool[E, K]}``. If None, the mask must be passed at every call
+      as the extra argument ``alive=`` (a dynamic array: no recompilation when it shrinks).
+
+  Returns:
+    A stateless `optax.GradientTransformationExtraArgs`.
+  """
+  fixed = alive
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, alive=None, **extra_args):
+    del params, extra_args
+    mask = fixed if alive is None else alive
+    if mask is None:
+      raise ValueError("mask_updates() built without a mask needs alive= at update time: "
+                       "tx.update(grads, opt_state, switches, alive=state.alive)")
+    return apply_mask(updates, mask), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# Read-outs.
+
+
+def group_gamma(state: HardPriorState) -> dict[str, Array]:
+  """Group prior variance ``{tau: f32[E, K]}`` (mean over cells; all cells agree after an update).
+
+  Suitable as ``scores`` for ``bnas_jax.genotype.derive``.
+  """
+  return {tau: jnp.mean(g, axis=0) for tau, g in state.gamma.items()}
+
+
+def _masked_stats(x: Array, mask: Array) -> tuple[Array, Array, Array]:
+  x = jnp.where(mask, x, jnp.nan)
+  any_live = jnp.any(mask)
+  return tuple(jnp.where(any_live, f(x), 0.0) for f in (jnp.nanmin, jnp.nanmedian, jnp.nanmax))
+
+
+def summaries(state: HardPriorState) -> dict[str, Array]:
+  """Scalars for logging: ``'{tau}/{field}_{min|median|max}'`` and live counts.
+
+  Statistics run over live groups only (0 when none is alive); ``field`` is gamma, omega, C
+  (posterior variance) and H (scaled curvature). Counts: ``'{tau}/live_groups'``,
+  ``'{tau}/live_switches'`` (groups x cells), ``'{tau}/live_edges'`` (live origin) and
+  ``'{tau}/live_ops'`` (live op groups), plus ``'live_groups'`` summed over types and ``'count'``.
+  """
+  out = {"count": state.count}
+  total = jnp.zeros((), jnp.int32)
+  for tau in sorted(state.alive):
+    alive = jnp.asarray(state.alive[tau], bool)
+    n = state.gamma[tau].shape[0]
+    cell_mask = jnp.broadcast_to(alive[None], state.gamma[tau].shape)
+    fields = {"gamma": (state.gamma[tau], cell_mask), "omega": (state.omega[tau], alive),
+              "C": (state.posterior_variance[tau], cell_mask), "H": (state.curvature[tau], cell_mask)}
+    for name, (x, m) in fields.items():
+      for stat, v in zip(("min", "median", "max"), _masked_stats(x, m)):
+        out[f"{tau}/{name}_{stat}"] = v
+    groups = jnp.sum(alive, dtype=jnp.int32)
+    out[f"{tau}/live_groups"] = groups
+    out[f"{tau}/live_switches"] = groups * n
+    out[f"{tau}/live_edges"] = jnp.sum(alive[:, 0], dtype=jnp.int32)
+    out[f"{tau}/live_ops"] = jnp.sum(alive[:, 1:], dtype=jnp.int32)
+    total = total + groups
+  out["live_groups"] = total
+  return out
