@@ -1,0 +1,564 @@
+"""Candidate operations of the three search spaces, as flax.linen modules (NHWC).
+
+One registry ``OPS[family][name]`` of factories ``(channels, stride, **kw) -> nn.Module``; the module
+is called as ``m(x, train=...)`` with ``x: f32[B, H, W, C_in]`` and returns ``f32[B, H', W', C]``
+(``H' = ceil(H / stride)`` for the 32/16/8 CIFAR sizes).
+
+Families:
+
+* ``'bayesnas'`` (spec 2.1, the official BayesNAS ``search/OneShot.py``): BN-ReLU-Conv order, no bias
+  anywhere, no BN after the last conv. ``sep3``/``sep5``, ``dil3``/``dil5`` (a FULL k x k conv with
+  dilation 2, then 1 x 1), ``max`` (zero padding), ``avg`` (zero padding counted), ``ident``
+  (stride 2: BN + 1 x 1 stride-2 conv), and the preprocessing block ``creduct`` (spec 2.3).
+* ``'darts'`` (``quark0/darts`` ``operations.py``): ReLU-Conv-BN ops, ``none`` (Zero),
+  ``avg_pool_3x3`` (``count_include_pad=False``), ``max_pool_3x3``, ``skip_connect`` (identity, or
+  FactorizedReduce at stride 2), ``sep_conv_{3x3,5x5}``, ``dil_conv_{3x3,5x5}``; helpers
+  ``relu_conv_bn`` and ``factorized_reduce``. Keyword ``affine`` (default True, as in the evaluation
+  networks; the DARTS search network uses False).
+* ``'nb201'`` (NAS-Bench-201 / AutoDL ``cell_operations.py``): ``none``, ``skip_connect``,
+  ``nor_conv_1x1``, ``nor_conv_3x3`` (ReLU-Conv-BN; AutoDL gives the conv a bias iff ``affine`` is
+  False), ``avg_pool_3x3`` (``count_include_pad=False``), ``factorized_reduce``, ``relu_conv_bn``
+  and the ResNet basic block between stages (``resnet_basic_block``).
+
+Grouped form (used by the supernet for speed): every op with parameters also accepts
+``groups=G`` and ``select=(g, ...)``. The op then holds G independent copies of its parameters
+(leading axis G: the G edges of a cell that leave the same node) and is applied to the copies
+`select` (default: all), whose inputs lie side by side on the channel axis,
+``x: f32[B, H, W, len(select) * C]``. With the default ``groups=1`` an op is the plain single op of
+the reference code (parameter counts identical: conv = out x in/groups x k x k, BN = 2C if affine).
+Batch norm uses batch statistics when ``train=True`` (running averages are updated only when the
+``'batch_stats'`` collection is mutable) and the running averages otherwise; PyTorch defaults
+(momentum 0.1, eps 1e-5, unbiased running variance).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnas_jax.models import layers
+
+Array = jax.Array
+
+BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
+BN_EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped building blocks.
+
+
+class _Grouped(nn.Module):
+  """Mixin: G stacked parameter copies, of which `select` are used."""
+
+  def _n_sel(self) -> int:
+    return self.groups if self.select is None else len(self.select)
+
+  def _gparam(self, name: str, init: Callable, shape: Sequence[int]) -> Array:
+    if self.groups < 1:
+      raise ValueError(f"{type(self).__name__}: groups must be >= 1, got {self.groups}")
+    p = self.param(name, init, (self.groups, *shape))
+    return p if self.select is None else p[np.asarray(self.select, np.int32)]
+
+  def _split_channels(self, x: Array) -> int:
+    n = self._n_sel()
+    if x.shape[-1] % n:
+      raise ValueError(f"{type(self).__name__}: input channels {x.shape[-1]} are not a multiple "
+                       f"of the number of selected groups {n}")
+    return x.shape[-1] // n
+
+
+class BatchNorm(_Grouped):
+  """Grouped batch norm over ``f32[B, H, W, n_sel * C]``; parameters ``[groups, C]``.
+
+  Attributes:
+    affine: learnable scale and bias (PyTorch ``affine``).
+    groups, select: see the module docstring.
+  """
+  affine: bool = True
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    c = self._split_channels(x)
+    n = self._n_sel()
+    g_mean = self.variable("batch_stats", "mean", jnp.zeros, (self.groups, c), jnp.float32)
+    g_var = self.variable("batch_stats", "var", jnp.ones, (self.groups, c), jnp.float32)
+    idx = None if self.select is None else np.asarray(self.select, np.int32)
+    if train:
+      mean, var = layers.batch_norm_stats(x)
+      if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+        count = x.shape[0] * x.shape[1] * x.shape[2]
+        unbiased = var * (count / max(count - 1, 1))
+        new_m = (1 - BN_MOMENTUM) * _take(g_mean.value, idx) + BN_MOMENTUM * mean.reshape(n, c)
+        new_v = (1 - BN_MOMENTUM) * _take(g_var.value, idx) + BN_MOMENTUM * unbiased.reshape(n, c)
+        g_mean.value = new_m if idx is None else g_mean.value.at[idx].set(new_m)
+        g_var.value = new_v if idx is None else g_var.value.at[idx].set(new_v)
+    else:
+      mean = _take(g_mean.value, idx).reshape(-1)
+      var = _take(g_var.value, idx).reshape(-1)
+    mul = jax.lax.rsqrt(var + BN_EPS)
+    if self.affine:
+      mul = mul * self._gparam("scale", nn.initializers.ones, (c,)).reshape(-1)
+    y = (x - mean) * mul
+    if self.affine:
+      y = y + self._gparam("bias", nn.initializers.zeros, (c,)).reshape(-1)
+    return y
+
+
+def _take(a: Array, idx) -> Array:
+  return a if idx is None else a[idx]
+
+
+class PointwiseConv(_Grouped):
+  """Grouped 1 x 1 convolution ``C_in -> features`` (optionally strided, optional bias)."""
+  features: int
+  stride: int = 1
+  use_bias: bool = False
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    ci = self._split_channels(x)
+    k = self._gparam("kernel", layers.torch_uniform(ci), (ci, self.features))
+    y = layers.grouped_pointwise(x, k, stride=self.stride)
+    if self.use_bias:
+      y = y + self._gparam("bias", layers.torch_uniform(ci), (self.features,)).reshape(-1)
+    return y
+
+
+class Conv(_Grouped):
+  """Grouped dense k x k convolution ``C_in -> features`` (PyTorch padding semantics)."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  use_bias: bool = False
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.kernel_size == 1 and self.padding == 0:
+      return PointwiseConv(self.features, self.stride, self.use_bias, self.groups, self.select,
+                           name="pw")(x)
+    ci = self._split_channels(x)
+    k = self.kernel_size
+    w = self._gparam("kernel", layers.torch_uniform(ci * k * k), (k, k, ci, self.features))
+    y = layers.grouped_conv(x, w, stride=self.stride, padding=self.padding,
+                            dilation=self.dilation)
+    if self.use_bias:
+      y = y + self._gparam("bias", layers.torch_uniform(ci * k * k), (self.features,)).reshape(-1)
+    return y
+
+
+class DepthwiseConv(_Grouped):
+  """Grouped depthwise k x k convolution (``groups=C``, no bias); kernel ``[groups, k, k, C]``.
+
+  Attributes:
+    impl: ``'shift'`` (fast on CPU) or ``'lax'`` (``feature_group_count`` reference), see
+      `bnas_jax.models.layers.depthwise_conv`.
+  """
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+  impl: str = "shift"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = self._split_channels(x)
+    k = self.kernel_size
+    w = self._gparam("kernel", layers.torch_uniform(k * k), (k, k, c))
+    w = jnp.transpose(w, (1, 2, 0, 3)).reshape(k, k, -1)
+    return layers.depthwise_conv(x, w, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation, impl=self.impl)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter-free ops.
+
+
+class Identity(nn.Module):
+  """Returns its input."""
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return x
+
+
+class Zero(nn.Module):
+  """DARTS/AutoDL ``Zero``: zeros of the (strided) input shape."""
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    return jnp.zeros_like(x[:, ::self.stride, ::self.stride, :])
+
+
+class Pool(nn.Module):
+  """3 x 3 max or average pooling, padding 1.
+
+  Attributes:
+    kind: ``'max'`` or ``'avg'``.
+    stride: 1 or 2.
+    zero_pad_max: pad with zeros before a max pool (BayesNAS, spec 2.1) instead of -inf.
+    count_include_pad: average over 9 (True: PyTorch default, BayesNAS) or over the real pixels.
+  """
+  kind: str
+  stride: int = 1
+  zero_pad_max: bool = False
+  count_include_pad: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    del train
+    if self.kind == "max":
+      return layers.max_pool(x, 3, stride=self.stride, padding=1,
+                             pad_value=0.0 if self.zero_pad_max else -jnp.inf)
+    if self.kind == "avg":
+      return layers.avg_pool(x, 3, stride=self.stride, padding=1,
+                             count_include_pad=self.count_include_pad)
+    raise ValueError(f"Pool.kind must be 'max' or 'avg', got {self.kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# BayesNAS ops (spec 2.1, 2.3): BN-ReLU-Conv, no bias, no trailing BN.
+
+
+class BSepConv(nn.Module):
+  """BayesNAS ``sep_k``: twice [BN, ReLU, depthwise k x k (stride on rep 1), 1 x 1 conv C->C]."""
+  channels: int
+  kernel_size: int
+  stride: int = 1
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+  dw_impl: str = "shift"
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    g, sel, k = self.groups, self.select, self.kernel_size
+    for r in range(2):
+      x = BatchNorm(True, g, sel, name=f"bn{r}")(x, train=train)
+      x = nn.relu(x)
+      x = DepthwiseConv(k, self.stride if r == 0 else 1, k // 2, 1, g, sel, self.dw_impl,
+                        name=f"dw{r}")(x)
+      x = PointwiseConv(self.channels, 1, False, g, sel, name=f"pw{r}")(x)
+    return x
+
+
+class BDilConv(nn.Module):
+  """BayesNAS ``dil_k``: BN, ReLU, FULL k x k conv with dilation 2 and stride s, then 1 x 1 conv."""
+  channels: int
+  kernel_size: int
+  stride: int = 1
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    g, sel, k = self.groups, self.select, self.kernel_size
+    x = nn.relu(BatchNorm(True, g, sel, name="bn")(x, train=train))
+    x = Conv(self.channels, k, self.stride, k - 1, 2, False, g, sel, name="conv")(x)
+    return PointwiseConv(self.channels, 1, False, g, sel, name="pw")(x)
+
+
+class BIdent(nn.Module):
+  """BayesNAS ``ident``: identity at stride 1; BN + 1 x 1 stride-2 conv (no ReLU) at stride 2."""
+  channels: int
+  stride: int = 1
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if self.stride == 1:
+      return x
+    x = BatchNorm(True, self.groups, self.select, name="bn")(x, train=train)
+    return PointwiseConv(self.channels, self.stride, False, self.groups, self.select,
+                         name="pw")(x)
+
+
+class CReduct(nn.Module):
+  """BayesNAS preprocessing block (spec 2.3).
+
+  ``[optional 1 x 1 stride-2 conv C_in->C_in, no BN] -> BN -> ReLU -> 1 x 1 conv C_in->channels``.
+  The optional conv (``reduce_input=True``) is used on the k-2 input when the previous cell was a
+  reduction cell (that input has twice the spatial size).
+  """
+  channels: int
+  reduce_input: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if self.reduce_input:
+      x = PointwiseConv(x.shape[-1], 2, name="reduce")(x)
+    x = nn.relu(BatchNorm(True, name="bn")(x, train=train))
+    return PointwiseConv(self.channels, name="pw")(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# DARTS / NAS-Bench-201 ops: ReLU-Conv-BN.
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> k x k conv (C_in -> channels) -> BN.
+
+  Attributes:
+    use_bias: conv bias (DARTS: False; AutoDL/NAS-Bench-201: ``not affine``).
+  """
+  channels: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  affine: bool = True
+  use_bias: bool = False
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    x = nn.relu(x)
+    x = Conv(self.channels, self.kernel_size, self.stride, self.padding, 1, self.use_bias,
+             self.groups, self.select, name="conv")(x)
+    return BatchNorm(self.affine, self.groups, self.select, name="bn")(x, train=train)
+
+
+class DilConv(nn.Module):
+  """DARTS ``DilConv``: ReLU, depthwise k x k (dilation d, stride s), 1 x 1 conv, BN."""
+  channels: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  affine: bool = True
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+  dw_impl: str = "shift"
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    g, sel = self.groups, self.select
+    x = nn.relu(x)
+    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.dilation, g, sel,
+                      self.dw_impl, name="dw")(x)
+    x = PointwiseConv(self.channels, 1, False, g, sel, name="pw")(x)
+    return BatchNorm(self.affine, g, sel, name="bn")(x, train=train)
+
+
+class SepConv(nn.Module):
+  """DARTS ``SepConv``: [ReLU, depthwise (stride s), 1 x 1, BN] then [ReLU, depthwise, 1 x 1, BN]."""
+  channels: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  affine: bool = True
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+  dw_impl: str = "shift"
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    g, sel = self.groups, self.select
+    c_in = x.shape[-1] // (g if sel is None else len(sel))
+    for r, (stride, c_out) in enumerate(((self.stride, c_in), (1, self.channels))):
+      x = nn.relu(x)
+      x = DepthwiseConv(self.kernel_size, stride, self.padding, 1, g, sel, self.dw_impl,
+                        name=f"dw{r}")(x)
+      x = PointwiseConv(c_out, 1, False, g, sel, name=f"pw{r}")(x)
+      x = BatchNorm(self.affine, g, sel, name=f"bn{r}")(x, train=train)
+    return x
+
+
+class FactorizedReduce(nn.Module):
+  """ReLU, two 1 x 1 stride-2 convs (on x and on x shifted by one pixel), concat, BN.
+
+  Attributes:
+    style: ``'darts'`` (``quark0/darts``: C//2 + C//2 channels, requires an even `channels`, the
+      shifted branch reads ``x[:, 1:, 1:]``) or ``'nb201'`` (AutoDL: C//2 + (C - C//2) channels,
+      the shifted branch reads the zero-padded ``x[:, 1:, 1:]``, conv bias iff ``use_bias``).
+  """
+  channels: int
+  affine: bool = True
+  style: str = "darts"
+  use_bias: bool = False
+  groups: int = 1
+  select: Optional[tuple[int, ...]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    g, sel = self.groups, self.select
+    n = g if sel is None else len(sel)
+    if self.style == "darts":
+      if self.channels % 2:
+        raise ValueError(f"DARTS FactorizedReduce needs an even channel count, got {self.channels}")
+      c1, c2 = self.channels // 2, self.channels // 2
+      shifted = x[:, 1:, 1:, :]
+    elif self.style == "nb201":
+      c1, c2 = self.channels // 2, self.channels - self.channels // 2
+      shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:, :]
+    else:
+      raise ValueError(f"FactorizedReduce.style must be 'darts' or 'nb201', got {self.style!r}")
+    x = nn.relu(x)
+    shifted = nn.relu(shifted)
+    a = PointwiseConv(c1, 2, self.use_bias, g, sel, name="conv_1")(x)
+    b = PointwiseConv(c2, 2, self.use_bias, g, sel, name="conv_2")(shifted)
+    bsz, h, w, _ = a.shape
+    y = jnp.concatenate([a.reshape(bsz, h, w, n, c1), b.reshape(bsz, h, w, n, c2)], axis=-1)
+    y = y.reshape(bsz, h, w, n * self.channels)
+    return BatchNorm(self.affine, g, sel, name="bn")(y, train=train)
+
+
+class ResNetBasicBlock(nn.Module):
+  """NAS-Bench-201 ``ResNetBasicblock`` (between stages, stride 2).
+
+  ``ReLUConvBN(3x3, stride) -> ReLUConvBN(3x3)`` plus a residual: at stride 2 an AvgPool(2, 2) and
+  a 1 x 1 conv without bias; at stride 1 with a channel change a ReLUConvBN 1 x 1; else identity.
+  """
+  channels: int
+  stride: int = 2
+  affine: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if self.stride not in (1, 2):
+      raise ValueError(f"ResNetBasicBlock stride must be 1 or 2, got {self.stride}")
+    nb = not self.affine
+    y = ReLUConvBN(self.channels, 3, self.stride, 1, self.affine, nb, name="conv_a")(x, train=train)
+    y = ReLUConvBN(self.channels, 3, 1, 1, self.affine, nb, name="conv_b")(y, train=train)
+    if self.stride == 2:
+      r = layers.avg_pool(x, 2, stride=2, padding=0)
+      r = PointwiseConv(self.channels, name="downsample")(r)
+    elif x.shape[-1] != self.channels:
+      r = ReLUConvBN(self.channels, 1, 1, 0, self.affine, nb, name="downsample")(x, train=train)
+    else:
+      r = x
+    return r + y
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry.
+
+
+def _grouping(kw):
+  return {"groups": kw.pop("groups", 1), "select": kw.pop("select", None)}
+
+
+def _no_params(factory):
+  """Parameter-free ops accept (and ignore) the grouping keywords."""
+
+  def f(channels, stride, **kw):
+    del channels
+    kw.pop("groups", None)
+    kw.pop("select", None)
+    kw.pop("affine", None)
+    kw.pop("dw_impl", None)
+    return factory(stride, **kw)
+
+  return f
+
+
+def _bayes_ident(channels, stride, **kw):
+  kw.pop("dw_impl", None)
+  return BIdent(channels, stride, **_grouping(kw), **kw)
+
+
+def _bayes_dil(k):
+  def f(channels, stride, **kw):
+    kw.pop("dw_impl", None)
+    return BDilConv(channels, k, stride, **_grouping(kw), **kw)
+  return f
+
+
+def _darts_skip(channels, stride, affine=True, **kw):
+  kw.pop("dw_impl", None)
+  if stride == 1:
+    return Identity()
+  return FactorizedReduce(channels, affine, "darts", False, **_grouping(kw), **kw)
+
+
+def _nb201_skip(channels, stride, affine=True, **kw):
+  kw.pop("dw_impl", None)
+  if stride == 1 and kw.pop("c_in", channels) == channels:
+    return Identity()
+  return FactorizedReduce(channels, affine, "nb201", not affine, **_grouping(kw), **kw)
+
+
+def _nb201_conv(k):
+  def f(channels, stride, affine=True, **kw):
+    kw.pop("dw_impl", None)
+    return ReLUConvBN(channels, k, stride, k // 2, affine, not affine, **_grouping(kw), **kw)
+  return f
+
+
+OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
+    "bayesnas": {
+        "sep3": lambda c, s, **kw: BSepConv(c, 3, s, **_grouping(kw), **kw),
+        "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **_grouping(kw), **kw),
+        "dil3": _bayes_dil(3),
+        "dil5": _bayes_dil(5),
+        "max": _no_params(lambda s: Pool("max", s, zero_pad_max=True)),
+        "avg": _no_params(lambda s: Pool("avg", s, count_include_pad=True)),
+        "ident": _bayes_ident,
+        # stride 2 = with the 1x1 stride-2 conv on the input (spec 2.3).
+        "creduct": lambda c, s, **kw: CReduct(c, reduce_input=(s == 2)),
+    },
+    "darts": {
+        "none": _no_params(lambda s: Zero(s)),
+        "avg_pool_3x3": _no_params(lambda s: Pool("avg", s, count_include_pad=False)),
+        "max_pool_3x3": _no_params(lambda s: Pool("max", s)),
+        "skip_connect": _darts_skip,
+        "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine,
+                                                                 **_grouping(kw), **kw),
+        "sep_conv_5x5": lambda c, s, affine=True, **kw: SepConv(c, 5, s, 2, affine,
+                                                                 **_grouping(kw), **kw),
+        "dil_conv_3x3": lambda c, s, affine=True, **kw: DilConv(c, 3, s, 2, 2, affine,
+                                                                 **_grouping(kw), **kw),
+        "dil_conv_5x5": lambda c, s, affine=True, **kw: DilConv(c, 5, s, 4, 2, affine,
+                                                                 **_grouping(kw), **kw),
+        # Helpers (kernel_size/padding keywords for relu_conv_bn; DARTS preprocessing is 1x1).
+        "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
+            c, kernel_size, s, padding, affine, False, **_grouping(kw), **kw),
+        "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
+            c, affine, "darts", False, **_grouping(kw), **kw),
+    },
+    "nb201": {
+        "none": _no_params(lambda s: Zero(s)),
+        "skip_connect": _nb201_skip,
+        "nor_conv_1x1": _nb201_conv(1),
+        "nor_conv_3x3": _nb201_conv(3),
+        "avg_pool_3x3": _no_params(lambda s: Pool("avg", s, count_include_pad=False)),
+        "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
+            c, kernel_size, s, padding, affine, not affine, **_grouping(kw), **kw),
+        "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
+            c, affine, "nb201", not affine, **_grouping(kw), **kw),
+        "resnet_basic_block": lambda c, s, affine=True, **kw: ResNetBasicBlock(c, s, affine),
+    },
+}
+
+
+def get_op(family: str, name: str, channels: int, stride: int, **kw) -> nn.Module:
+  """``OPS[family][name](channels, stride, **kw)`` with clear errors for unknown names.
+
+  Raises:
+    ValueError: unknown family or op name, or a stride other than 1 or 2.
+  """
+  if family not in OPS:
+    raise ValueError(f"unknown op family {family!r}; choose one of {sorted(OPS)}")
+  if name not in OPS[family]:
+    raise ValueError(f"unknown op {name!r} in family {family!r}; choose one of "
+                     f"{sorted(OPS[family])}")
+  if stride not in (1, 2):
+    raise ValueError(f"stride must be 1 or 2, got {stride}")
+  return OPS[family][name](channels, stride, **kw)
