@@ -1,0 +1,148 @@
+r"""Parameter and multiply-add counts of an evaluation network (DARTS convention).
+
+Usage::
+
+  python -m bnas_jax.count --genotype darts_v2                    # CIFAR-10, C = 36, 20 cells
+  python -m bnas_jax.count --genotype bayesnas_0.01 --dataset imagenet
+  python -m bnas_jax.count --genotype runs/search/genotype.json --init_channels 16 --num_cells 8
+
+Parameters are counted from `jax.eval_shape` of the model's init (nothing is allocated or compiled):
+conv/linear weights, linear biases and BN scale/bias; BN running statistics are not parameters. The
+reported number excludes the auxiliary head (DARTS convention); the head is printed separately.
+
+Multiply-adds are counted analytically from the parameter tree and the module output shapes
+(again only abstract evaluation): every weight of a convolution kernel is used once per output
+position, so a convolution costs ``kernel.size * H_out * W_out`` multiply-adds per image, whether it
+is dense, grouped, depthwise or dilated, and however the op implements it (lax conv, shifted slices,
+matrix product); a linear layer costs ``kernel.size``. BN, ReLU, pooling and the additions of a cell
+are not counted (the convention behind the mobile-setting "< 600 M multiply-adds" budget and
+DARTS' 574 M). The auxiliary head is excluded (it does not run at test time). Output positions
+come from intercepting every module call (`flax.linen.intercept_methods`) and reading the output
+shape of the innermost module that owns each kernel.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnas_jax.models import eval_net
+
+# Parameter leaf names that are not multiply-accumulated weights (BN affine, biases).
+_NON_MAC_LEAVES = ("scale", "bias")
+
+
+def _prod(shape) -> int:
+  out = 1
+  for s in shape:
+    out *= int(s)
+  return out
+
+
+def module_output_shapes(model: nn.Module, variables: Any, *args, **kwargs) -> dict:
+  """Output shape of every module call, keyed by module path (abstract evaluation only).
+
+  Args:
+    model: an unbound linen module.
+    variables: its (possibly abstract) variables.
+    *args, **kwargs: the arguments of ``model.apply`` (arrays or `jax.ShapeDtypeStruct`).
+
+  Returns:
+    {module path tuple: output shape of its first array output} for every ``__call__`` made.
+  """
+  shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+
+  def interceptor(next_fun, fargs, fkwargs, context):
+    out = next_fun(*fargs, **fkwargs)
+    if context.method_name == "__call__":
+      leaves = [x for x in jax.tree_util.tree_leaves(out) if hasattr(x, "shape")]
+      if leaves and context.module.path not in shapes:
+        shapes[tuple(context.module.path)] = tuple(leaves[0].shape)
+    return out
+
+  def run(v, *a):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, *a, **kwargs)
+
+  jax.eval_shape(run, variables, *args)
+  return shapes
+
+
+def multiply_adds(params: Any, output_shapes: dict, *, exclude=("auxiliary_head",)) -> int:
+  """Multiply-adds of one forward pass of one example (see the module docstring).
+
+  Args:
+    params: the (possibly abstract) 'params' collection.
+    output_shapes: `module_output_shapes` of a forward pass with batch size 1.
+    exclude: top-level parameter subtrees to skip (the auxiliary head).
+
+  Returns:
+    The number of multiply-adds.
+
+  Raises:
+    ValueError: if a kernel's owning module was never called (not in `output_shapes`).
+  """
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(getattr(k, "key", str(k)) for k in path)
+    if names[0] in exclude or names[-1] in _NON_MAC_LEAVES:
+      continue
+    owner = names[:-1]
+    while owner and owner not in output_shapes:
+      owner = owner[:-1]  # leaves stored under a plain dict inside a module
+    if owner not in output_shapes:
+      raise ValueError(f"parameter {'/'.join(names)} belongs to no called module")
+    out = output_shapes[owner]
+    positions = _prod(out[1:-1]) if len(out) == 4 else 1
+    total += _prod(leaf.shape) * positions
+  return total
+
+
+def count(model: eval_net.EvalNetwork, image_size: int | None = None) -> dict[str, int]:
+  """Parameter counts and multiply-adds of `model` (abstract evaluation, no compile).
+
+  Returns:
+    {'params' (without aux head), 'aux_params', 'total', 'multiply_adds' (per image, no aux head)}.
+  """
+  size = image_size or eval_net.image_size_for(model)
+  variables = eval_net.abstract_variables(model, image_size=size)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  shapes = module_output_shapes(model, variables, x, train=False)
+  counts = eval_net.param_counts(model, image_size=size)
+  counts["multiply_adds"] = multiply_adds(variables["params"], shapes)
+  return counts
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("genotype", "darts_v2", "Registered genotype name or a genotype JSON path.")
+flags.DEFINE_enum("dataset", "cifar10", sorted(eval_net.DATASET_DEFAULTS), "Network setting.")
+flags.DEFINE_integer("init_channels", None, "Override C (default: 36 CIFAR, 48 ImageNet).")
+flags.DEFINE_integer("num_cells", None, "Override the number of cells (default 20 / 14).")
+flags.DEFINE_enum("prev_reduce", "auto", ["auto", "conv", "factorized"],
+                  "BayesNAS flavour: c_{k-2} size reduction after a reduction cell.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  model = eval_net.create_eval_net(FLAGS.genotype, dataset=FLAGS.dataset,
+                                   init_channels=FLAGS.init_channels, num_cells=FLAGS.num_cells,
+                                   prev_reduce=FLAGS.prev_reduce)
+  c = count(model)
+  print(f"genotype: {FLAGS.genotype} ({model.family} flavour), dataset: {FLAGS.dataset}, "
+        f"C={model.init_channels}, cells={model.num_cells}")
+  print(f"params (without aux head): {c['params']:,} ({c['params'] / 1e6:.3f} M)")
+  print(f"aux head params: {c['aux_params']:,}")
+  print(f"params with aux head: {c['total']:,}")
+  print(f"multiply-adds per image: {c['multiply_adds']:,} ({c['multiply_adds'] / 1e6:.1f} M)")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
