@@ -583,7 +583,7 @@ def batch_key(seed: int, epoch: int, step: int) -> jax.Array:
 
 def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
   """u8[B, H, W, 3] pixels -> f32[B, H, W, 3] ``(x / 255 - mean) / std`` (per channel)."""
-  x = images.astype(jnp.float32) / 255.0
+  x = jnp.asarray(images).astype(jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 

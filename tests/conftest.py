@@ -1,0 +1,101 @@
+"""Shared pytest fixtures and JAX settings for the bnas_jax tests.
+
+Real data (session fixtures, built once per machine into a cache OUTSIDE the repository and
+outside shared/: ``$BNAS_DATA_CACHE``, default ``~/.cache/bnas_jax``):
+
+* ``cifar10_bin_dir``: the full CIFAR-10 binary layout (``cifar-10-batches-bin``: 50,000 train /
+  10,000 test, JPEG-derived pixels, exact labels), built from
+  ``shared/data/cifar10-jpeg-q75-derived/make_cifar10_bin.py`` under a file lock (safe with
+  pytest-xdist workers) and reused when complete.
+* ``cifar10_subset_dir``: the lossless 4,000 / 1,000 subset
+  (``shared/data/cifar10-lossless-subset``) as ``<cache>/cifar10-lossless-subset/
+  cifar-10-batches-bin`` with ``data_batch_1.bin`` (4,000 records) and ``test_batch.bin`` (1,000),
+  checked against the subset's SHA256SUMS. Load it with
+  ``load_local('cifar10', cifar10_subset_dir, num_train=4000, num_test=1000)``.
+
+shared/ is found as ``$BNAS_SHARED``, else ``<repo>/shared``, else ``<repo>/../shared`` (CI runs a
+fresh clone with shared/ beside it).
+
+JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the data cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+
+import jax
+import pytest
+
+from bnas_jax import input_pipeline
+
+SUBSET_FILES = {  # name in shared/ -> name in the official layout.
+    'data_batch_1_first4000.bin': 'data_batch_1.bin',
+    'test_batch_first1000.bin': 'test_batch.bin',
+}
+
+
+def _cache_dir() -> str:
+  path = os.path.expanduser(os.environ.get('BNAS_DATA_CACHE') or input_pipeline.DEFAULT_CACHE)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def pytest_configure(config):  # pylint: disable=unused-argument
+  jax.config.update('jax_enable_x64', False)
+  jax.config.update('jax_compilation_cache_dir', os.path.join(_cache_dir(), 'jax_compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(scope='session')
+def data_cache_dir() -> str:
+  """The per-machine data cache (``$BNAS_DATA_CACHE`` or ``~/.cache/bnas_jax``)."""
+  return _cache_dir()
+
+
+@pytest.fixture(scope='session')
+def shared_dir() -> str:
+  """The project's read-only shared/ folder."""
+  return input_pipeline.find_shared_dir()
+
+
+@pytest.fixture(scope='session')
+def cifar10_bin_dir(data_cache_dir, shared_dir) -> str:
+  """Path of a complete ``cifar-10-batches-bin`` folder (JPEG-derived CIFAR-10)."""
+  return input_pipeline.build_cifar10_from_shared(data_cache_dir, shared_dir)
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope='session')
+def cifar10_subset_dir(data_cache_dir, shared_dir) -> str:
+  """Path of the lossless 4,000/1,000 CIFAR-10 subset in the binary layout."""
+  src = os.path.join(shared_dir, 'data', 'cifar10-lossless-subset')
+  parent = os.path.join(data_cache_dir, 'cifar10-lossless-subset')
+  out = os.path.join(parent, 'cifar-10-batches-bin')
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.join(parent, '.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    sums = {}
+    with open(os.path.join(src, 'SHA256SUMS')) as f:
+      for line in f:
+        digest, name = line.split()
+        sums[name] = digest
+    if all(os.path.isfile(os.path.join(out, dst)) and _sha256(os.path.join(out, dst)) == sums[s]
+           for s, dst in SUBSET_FILES.items()):
+      return out
+    tmp = tempfile.mkdtemp(prefix='.build.', dir=parent)
+    for s, dst in SUBSET_FILES.items():
+      if _sha256(os.path.join(src, s)) != sums[s]:
+        raise RuntimeError(f'{os.path.join(src, s)} does not match its SHA256SUMS entry.')
+      shutil.copyfile(os.path.join(src, s), os.path.join(tmp, dst))
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  return out
