@@ -541,7 +541,7 @@ def to_darts(genotype: Genotype) -> DartsGenotype:
 
 
 def from_darts(darts_genotype: Any) -> Genotype:
-  """DARTS namedtuple (any object with ``normal, normal_concat, reduce, reduce_concat``) -> Genotype.
+  """DARTS namedtuple (any object with normal, normal_concat, reduce, reduce_concat) -> Genotype.
 
   The k-th pair of a cell list feeds intermediate node ``2 + k // 2`` (DARTS ``_compile``).
 
@@ -600,6 +600,21 @@ def from_nb201_string(arch: str) -> Genotype:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cell_layout(genotype: Genotype, cell_type: str):
+  """Edge labels, arc height per unit span and the top y of one cell's drawing."""
+  topo = genotype.search_space.cells[cell_type]
+  max_span = max(topo.num_inputs + topo.num_nodes - 1, 1)
+
+  def label_of(ops):
+    per_line = 2 if max(len(op) for op in ops) <= 5 else 1  # short BayesNAS names: 2 a line
+    return "\n".join(" + ".join(ops[i:i + per_line]) for i in range(0, len(ops), per_line))
+
+  edge_labels = {e: label_of(ops) for e, ops in genotype.edge_ops(cell_type).items()}
+  max_lines = max([lbl.count("\n") + 1 for lbl in edge_labels.values()], default=1)
+  step = max(1.5, 0.45 * max_lines + 0.5)  # arc height per unit span: labels never overlap
+  return edge_labels, step, step * max_span + 0.4 * max_lines + 0.5
+
+
 def _draw_cell(ax, genotype: Genotype, cell_type: str) -> None:
   """Draws one cell as an arc diagram: nodes on a line in topological order, every edge an arc above
   the line (height grows with the span, so labels never share a position), labelled with its ops;
@@ -613,19 +628,17 @@ def _draw_cell(ax, genotype: Genotype, cell_type: str) -> None:
   xs = {node: 3.0 * node for node in range(n_all)}
   out_x = xs[n_all - 1] + 3.0
   used = {s for _, s, _ in genotype.cell(cell_type)} | {t for t, _, _ in genotype.cell(cell_type)}
-  max_span = max(n_all - 1, 1)
-  top = 1.5 * max_span + 1.5
+  edge_labels, step, top = _cell_layout(genotype, cell_type)
 
-  edge_ops = genotype.edge_ops(cell_type)
-  for (source, target), ops in edge_ops.items():
+  for (source, target), label in edge_labels.items():
     x0, x1 = xs[source], xs[target]
-    height = 1.5 * (target - source)
+    height = step * (target - source)
     arc = patches.Arc(((x0 + x1) / 2, 0.0), x1 - x0, 2 * height, theta1=0, theta2=180,
                       color="tab:blue", lw=1.6, zorder=1)
     ax.add_patch(arc)
     ax.annotate("", xy=(x1, 0.35), xytext=(x1 + 0.02, 0.6),
                 arrowprops=dict(arrowstyle="-|>", color="tab:blue", lw=1.2))
-    ax.text((x0 + x1) / 2, height, "\n".join(ops), ha="center", va="center", fontsize=8,
+    ax.text((x0 + x1) / 2, height, label, ha="center", va="center", fontsize=8,
             zorder=3, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="tab:blue", lw=0.8))
 
   if not single_output:
@@ -678,7 +691,13 @@ def plot(genotype: Genotype, path_prefix: str, title: str | None = None) -> tupl
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   cell_types = genotype.cell_types
-  fig, axes = plt.subplots(len(cell_types), 1, figsize=(11, 4.6 * len(cell_types)), squeeze=False)
+  # Figure size follows the drawing's extent in data units (equal aspect), 0.4 inch per unit.
+  topo = genotype.search_space.cells["normal"]
+  n_all = topo.num_inputs + topo.num_nodes
+  width = 3.0 * n_all + 3.0
+  heights = [_cell_layout(genotype, t)[2] + 0.35 * (n_all + 1) + 1.3 + 1.0 for t in cell_types]
+  fig, axes = plt.subplots(len(cell_types), 1, figsize=(0.4 * width, 0.4 * sum(heights) + 0.5),
+                           squeeze=False, gridspec_kw={"height_ratios": heights})
   for ax, cell_type in zip(axes[:, 0], cell_types):
     _draw_cell(ax, genotype, cell_type)
   fig.suptitle(title or f"{genotype.space} genotype", fontsize=12)
