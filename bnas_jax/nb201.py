@@ -41,9 +41,29 @@ NUM_NODES = 4
 NUM_CELLS = len(OPS) ** len(STRING_EDGES)  # 15,625
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "ImageNet16-120")
 
-# The table in this project's shared folder; override with $BNAS_NB201_TABLE or a path argument.
-DEFAULT_TABLE = "/work/shared/nb201/naslib_nb201_zen_valacc.zip"
+# The table's file name in the project's shared folder; override with $BNAS_NB201_TABLE or a path.
+TABLE_FILE = os.path.join("nb201", "naslib_nb201_zen_valacc.zip")
 TABLE_ENV_VAR = "BNAS_NB201_TABLE"
+
+
+def default_table_path() -> str:
+  """Where the table is looked for when no path is given.
+
+  ``$BNAS_NB201_TABLE`` if set, else ``shared/nb201/naslib_nb201_zen_valacc.zip`` in
+  ``$BNAS_SHARED``, ``<repo>/shared`` or ``<repo>/../shared`` (the first that holds it; the last
+  candidate is returned when none does, so the error names a concrete path).
+  """
+  env = os.environ.get(TABLE_ENV_VAR)
+  if env:
+    return env
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  shared = os.environ.get("BNAS_SHARED")
+  roots = [shared] if shared else [os.path.join(repo, "shared"), os.path.join(repo, "..", "shared")]
+  candidates = [os.path.normpath(os.path.join(r, TABLE_FILE)) for r in roots]
+  for c in candidates:
+    if os.path.isfile(c):
+      return c
+  return candidates[-1]
 
 Arch = Union[str, Sequence[int]]
 
@@ -264,7 +284,7 @@ def load_table(path: str | None = None, dataset: str = "cifar10") -> NB201Table:
 
   Args:
     path: a NASLib zip (``*.zip``) or a CSV file (``arch,accuracy``). Default: ``$BNAS_NB201_TABLE``
-      if set, else `DEFAULT_TABLE`.
+      if set, else the shared folder's copy (`default_table_path`).
     dataset: ``'cifar10'``, ``'cifar100'`` or ``'ImageNet16-120'`` (used for zip files; a CSV
       holds one data set and keeps this name as a label).
 
@@ -274,7 +294,7 @@ def load_table(path: str | None = None, dataset: str = "cifar10") -> NB201Table:
   """
   _check_dataset(dataset)
   if path is None:
-    path = os.environ.get(TABLE_ENV_VAR, DEFAULT_TABLE)
+    path = default_table_path()
   path = os.path.abspath(os.fspath(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(

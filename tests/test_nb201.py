@@ -8,9 +8,10 @@ import pytest
 
 from bnas_jax import nb201
 
-ZIP = "/work/shared/nb201/naslib_nb201_zen_valacc.zip"
+# The shared folder's copy, found relative to the repo (CI clones it with shared/ beside it).
+ZIP = nb201.default_table_path()
 
-# Reference values of /work/shared/nb201/README.md (cifar10 validation accuracy, %).
+# Reference values of shared/nb201/README.md (cifar10 validation accuracy, %).
 REFERENCE = {
     "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|"
     "nor_conv_1x1~2|": 91.18,
