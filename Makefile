@@ -1,0 +1,56 @@
+# bnas_jax: common commands. `make` (or `make help`) lists the targets.
+#
+# Variables (override on the command line, e.g. `make search EXP=cifar_proxy ARGS="--config.seed=1"`):
+PYTHON ?= python
+EXP ?=
+VARIANT ?=
+WORKDIR ?= runs/$(EXP)
+ARGS ?=
+WORKERS ?= auto
+TEST_ARGS ?=
+DATASET ?= cifar10
+DATA_DIR ?=
+
+CONFIG = experiments/$(EXP).py$(if $(VARIANT),:$(VARIANT))
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-prepare test search train bench data data-shared check-exp
+
+help: ## Show this help.
+	@echo "Usage: make <target> [VAR=value ...]"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "Variables: PYTHON=$(PYTHON) EXP=<experiments/NAME.py> VARIANT=<config variant>"
+	@echo "  WORKDIR=runs/<EXP> ARGS=<config overrides, e.g. \"--config.seed=1\">"
+	@echo "  WORKERS=$(WORKERS) (pytest-xdist workers) TEST_ARGS=<extra pytest args>"
+	@echo "  DATASET=cifar10|cifar100 DATA_DIR=<data folder> (data, data-shared)"
+
+install: ## Install the package in editable mode with the test tools (pip install -e .[test]).
+	$(PYTHON) -m pip install -e '.[test]'
+
+install-prepare: ## Also install TensorFlow, needed only by `make data` (TFDS preparation).
+	$(PYTHON) -m pip install -e '.[test,prepare]'
+
+# pytest exits 5 when it collected no test: reported, not treated as a failure.
+test: ## Run the test suite: pytest tests/ on WORKERS xdist workers (one file per worker).
+	@$(PYTHON) -m pytest tests/ -n $(WORKERS) --dist loadfile $(TEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 0; fi; exit $$rc
+
+check-exp:
+	@test -n "$(EXP)" || { echo "EXP is required: make $(MAKECMDGOALS) EXP=<name of experiments/NAME.py>"; exit 2; }
+
+search: check-exp ## Architecture search: make search EXP=<name> [VARIANT=..] [WORKDIR=..] [ARGS=..].
+	$(PYTHON) -m bnas_jax.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
+
+train: check-exp ## Train/evaluate a network: make train EXP=<name> [VARIANT=..] [WORKDIR=..] [ARGS=..].
+	$(PYTHON) -m bnas_jax.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
+
+bench: ## Run every benchmark script in bench/ (prints throughput figures).
+	@set -e; for f in bench/*.py; do echo "== $$f"; $(PYTHON) $$f; done
+
+data: ## Download + prepare DATASET with TFDS (array_record; needs internet and install-prepare).
+	$(PYTHON) -m bnas_jax.input_pipeline prepare --name $(DATASET) $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+
+data-shared: ## Build cifar-10-batches-bin from shared/ (JPEG-derived) into DATA_DIR (default ~/.cache/bnas_jax).
+	$(PYTHON) -m bnas_jax.input_pipeline build-shared $(if $(DATA_DIR),--data_dir $(DATA_DIR))
