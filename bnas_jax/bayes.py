@@ -1,41 +1,42 @@
 """The HARD prior: reweighted group-ARD state, its update, the penalty and pruning.
 
-Pure, jit-able functions in the optax style (an ``init``/``update`` pair over a NamedTuple state). No
-I/O and no config reads: hyper-parameters come in as plain arguments.
+Pure, jit-able functions in the optax style (an ``init``/``update`` pair over a NamedTuple
+state). No I/O and no config reads: hyper-parameters come in as plain arguments.
 
 Notation (spec sections 3.3, 4). Per cell type ``tau`` the switches are ``s = switches[tau]``,
 ``f32[n, E, K]`` with ``K = 1 + n_ops`` and index 0 = the edge's origin switch. The copies of one
-(edge, switch) across the ``n`` cells of the type form one group ``g = (tau, e, k)`` with group vector
-``S_g = s[:, e, k]``. ``lambda_k`` is ``lambda_origin`` for ``k = 0`` and ``lambda_op`` otherwise.
+(edge, switch) across the ``n`` cells of the type form one group ``g = (tau, e, k)`` with group
+vector ``S_g = s[:, e, k]``. ``lambda_k`` is ``lambda_origin`` for ``k = 0``, else ``lambda_op``.
 
 One outer iteration of BayesNAS (spec 4.4, 11):
 
 1. train weights and switches for an epoch on ``data_loss + penalty(switches, state, ...)``
-   (reweighted group-l1, spec 4.1), or with `prox_group_l1` steps instead of the penalty gradient;
-2. compute the diagonal curvature ``h`` of the data loss w.r.t. the switches (``bnas_jax.curvature``);
-3. ``state = update(state, switches, h, ...)`` (spec 4.2 in the stable forms of spec 10) - this also
-   prunes groups whose prior variance ``gamma`` fell below a threshold;
-4. ``switches = apply_mask(switches, state.alive)`` so that pruned switches are exactly zero, and keep
-   them there with `mask_updates` in the switch optimizer.
+   (reweighted group-l1, spec 4.1), or with `prox_group_l1` steps instead of its gradient;
+2. compute the diagonal curvature ``h`` of the data loss w.r.t. the switches
+   (``bnas_jax.curvature``);
+3. ``state = update(state, switches, h, ...)`` (spec 4.2 in the stable forms of spec 10); this
+   also prunes groups whose prior variance ``gamma`` fell below a threshold;
+4. ``switches = apply_mask(switches, state.alive)`` so that pruned switches are exactly zero, and
+   keep them there with `mask_updates` in the switch optimizer.
 
-Stable forms used by `update` (spec 4.3, 10), for ``H = h / lambda_k`` (``h`` clamped at 0) and the
-previous per-cell prior variance ``gamma >= 0``:
+Stable forms used by `update` (spec 4.3, 10), for ``H = h / lambda_k`` (``h`` clamped at 0) and
+the previous per-cell prior variance ``gamma >= 0``:
 
-* posterior variance ``C = (1/gamma + H)^-1 = gamma / (1 + gamma H)`` (exact 0 at ``gamma = 0``, no
-  division by ``gamma``);
-* tangent weight ``omega_g^2 = sum_c (1/gamma_c - C_c/gamma_c^2) = sum_c H_c / (1 + gamma_c H_c)``
+* posterior variance ``C = (1/gamma + H)^-1 = gamma / (1 + gamma H)`` (exactly 0 at
+  ``gamma = 0``, no division by ``gamma``);
+* tangent weight ``omega_g^2 = sum_c (1/gamma_c - C_c/gamma_c^2) = sum_c H_c/(1 + gamma_c H_c)``
   (no cancellation as ``gamma -> 0``; never negative), then ``omega_g = max(sqrt(.), eps_omega)``;
 * ``gamma_raw = ||S_g||_2 / omega_g``;
-* hierarchy (origin first, then ops): ``gamma_op = (1/gamma_raw + 1/gamma_origin)^-1`` evaluated as
-  ``min / (1 + min/max)`` of the pair, which is exact, needs no eps and gives 0 for (0, 0), ``x`` for
-  (x, inf) and inf for (inf, inf) instead of NaN.
+* hierarchy (origin first, then ops): ``gamma_op = (1/gamma_raw + 1/gamma_origin)^-1`` evaluated
+  as ``min / (1 + min/max)`` of the pair, which is exact, needs no eps and gives 0 for (0, 0),
+  ``x`` for (x, inf) and inf for (inf, inf) instead of NaN.
 
-Fidelity note (spec 4.2 step 3, 9.4): the original code evaluates ``1/gamma* - C_c/gamma*^2`` with
-``gamma*`` = the gamma of the *last* cell of the type for every cell ``c`` (a leftover loop variable)
-and takes ``abs`` before the square root. This is a bug: the ARD tangent slope of cell ``c`` needs its
-own ``gamma_c``. It only matters when the per-cell gammas differ, i.e. at the first update after the
-original's random ``U(0, 1)`` initialisation (afterwards gamma is broadcast over the group). `update`
-uses the per-cell form; ``fidelity=True`` reproduces the quirk.
+Fidelity note (spec 4.2 step 3, 9.4): the original code evaluates ``1/gamma* - C_c/gamma*^2``
+with ``gamma*`` = the gamma of the *last* cell of the type for every cell ``c`` (a leftover loop
+variable) and takes ``abs`` before the square root. This is a bug: the ARD tangent slope of cell
+``c`` needs its own ``gamma_c``. It only matters when the per-cell gammas differ, i.e. at the first
+update after the original's random ``U(0, 1)`` initialisation (afterwards gamma is broadcast over
+the group). `update` uses the per-cell form; ``fidelity=True`` reproduces the quirk.
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ GroupTree = Mapping[str, Array]  # {tau: [E, K]}
 
 EPS_OMEGA = 1e-6  # lower clamp of omega_g (spec 10: omega = 0 when H = 0 would give gamma = inf)
 EPS_NORM = 1e-12  # added under the sqrt of ||S_g|| in `penalty` (gradient finite at S_g = 0)
+EPS_GAMMA = 1e-6  # floor of gamma* in the fidelity quirk only (it divides by gamma*^2)
 PRUNE_MODES = ("absolute", "relative")
 
 
 class HardPriorState(NamedTuple):
   """State of the HARD prior, one entry per cell type ``tau``.
 
-  All per-cell fields are broadcast over the ``n`` cells of a group after an `update` (they differ per
-  cell only after a random `init`). Dead groups have ``gamma == 0`` exactly.
+  All per-cell fields are broadcast over the ``n`` cells of a group after an `update` (they
+  differ per cell only after a random `init`). Dead groups have ``gamma == 0`` exactly.
   """
   gamma: dict[str, Array]  # {tau: f32[n, E, K]} prior variance after the hierarchy step, >= 0
   omega: dict[str, Array]  # {tau: f32[E, K]} tangent weight of the reweighted group-l1, > 0
@@ -123,10 +125,10 @@ def init(switches: Switches, *, key: Array | None = None, random_init: bool = Fa
   Args:
     switches: ``{tau: f32[n, E, K]}``; only shapes and dtypes are read.
     key: PRNG key, required when ``random_init``.
-    random_init: if True, reproduce the original code (spec 4.2 "Initial values"): gamma ~ U(0, 1)
-      independently per cell and switch, omega ~ U(0, 1) per group (the original draws omega per cell
-      too but only ever reads cell 0). Otherwise gamma = `gamma_init`, omega = `omega_init` (spec 10's
-      reproducible default, 1 and 1).
+    random_init: if True, reproduce the original code (spec 4.2 "Initial values"):
+      gamma ~ U(0, 1) independently per cell and switch, omega ~ U(0, 1) per group (the original
+      draws omega per cell too but only ever reads cell 0). Otherwise gamma = `gamma_init` and
+      omega = `omega_init` (spec 10's reproducible default, 1 and 1).
     gamma_init: deterministic initial prior variance (> 0).
     omega_init: deterministic initial penalty weight (> 0).
     alive: optional initial group mask ``{tau: bool[E, K]}`` (default all alive); dead groups start
@@ -171,8 +173,8 @@ def init(switches: Switches, *, key: Array | None = None, random_init: bool = Fa
 def series_variance(a: Array, b: Array) -> Array:
   """``(1/a + 1/b)^-1`` for ``a, b >= 0`` (two variances in series), without NaN.
 
-  Evaluated as ``lo / (1 + lo/hi)`` with ``lo = min(a, b)``, ``hi = max(a, b)``: exact, and gives 0 if
-  either is 0, ``a`` if ``b = inf``, ``inf`` if both are inf (spec 10, hierarchy step).
+  Evaluated as ``lo / (1 + lo/hi)`` with ``lo = min(a, b)``, ``hi = max(a, b)``: exact, and gives
+  0 if either is 0, ``a`` if ``b = inf``, ``inf`` if both are inf (spec 10, hierarchy step).
   """
   lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
   ratio = jnp.where(hi > 0, lo / jnp.where(hi > 0, hi, 1.0), 0.0)
@@ -185,10 +187,12 @@ def _omega_sq(gamma: Array, curv: Array, fidelity: bool) -> tuple[Array, Array]:
   post = gamma / (1.0 + gamma * curv)
   if not fidelity:
     return post, jnp.sum(curv / (1.0 + gamma * curv), axis=0)
-  # Original code: gamma* = the last cell's gamma for every cell, abs() before the sqrt. Written as
-  # |gamma* - C_c| / gamma*^2 with gamma* - C_c = (gamma* - gamma_c + gamma* gamma_c H_c)/(1+gamma_c H_c),
-  # which equals H/(1 + gamma H) exactly when gamma_c = gamma*. gamma* is floored at tiny to stay finite.
-  g_star = jnp.maximum(gamma[-1:], jnp.finfo(gamma.dtype).tiny)
+  # Original code: gamma* = the last cell's gamma for every cell, abs() before the sqrt. Written
+  # as |gamma* - C_c| / gamma*^2 with
+  #   gamma* - C_c = (gamma* - gamma_c + gamma* gamma_c H_c) / (1 + gamma_c H_c),
+  # which equals H/(1 + gamma H) exactly when gamma_c = gamma*. gamma* is floored at EPS_GAMMA so
+  # that 1/gamma*^2 stays finite (the original divides by zero there).
+  g_star = jnp.maximum(gamma[-1:], EPS_GAMMA)
   diff = (g_star - gamma + g_star * gamma * curv) / (1.0 + gamma * curv)
   return post, jnp.sum(jnp.abs(diff) / g_star**2, axis=0)
 
@@ -198,17 +202,20 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
            eps_omega: float = EPS_OMEGA, fidelity: bool = False) -> HardPriorState:
   """One HARD-prior update after an epoch (spec 4.2, stable forms of spec 10) plus pruning.
 
-  Per cell type and group ``g = (e, k)`` (``lambda_k`` = `lambda_origin` for k = 0, else `lambda_op`):
+  Per cell type and group ``g = (e, k)`` (``lambda_k`` = `lambda_origin` for k = 0, else
+  `lambda_op`):
 
-  1. ``H_c = max(h_c, 0) / lambda_k`` (negative curvature, possible with an exact Hessian, is clamped);
+  1. ``H_c = max(h_c, 0) / lambda_k`` (negative curvature, possible with an exact Hessian, is
+     clamped);
   2. ``C_c = gamma_c / (1 + gamma_c H_c)`` with the previous per-cell ``gamma_c`` (clamped >= 0);
   3. ``omega_g = max(sqrt(sum_c H_c / (1 + gamma_c H_c)), eps_omega)``;
   4. ``gamma_raw = ||S_g||_2 / omega_g``;
   5. origin first: ``gamma_origin = gamma_raw[e, 0]`` (0 if the origin is dead); then each op
      ``gamma = series_variance(gamma_raw[e, k], gamma_origin[e])``;
   6. pruning: a live group dies when ``gamma < prune_threshold`` ('absolute') or
-     ``gamma < prune_threshold * max(live gamma of this cell type)`` ('relative'). A dead origin kills
-     every op of its edge; an origin whose ops are all dead is dead too (its edge carries nothing).
+     ``gamma < prune_threshold * max(live gamma of this cell type)`` ('relative'). A dead origin
+     kills every op of its edge; an origin whose ops are all dead is dead too (its edge carries
+     nothing).
      Dead groups never come back and get ``gamma = 0`` exactly;
   7. gamma and omega are broadcast to every cell of the group.
 
@@ -459,7 +466,8 @@ def summaries(state: HardPriorState) -> dict[str, Array]:
     n = state.gamma[tau].shape[0]
     cell_mask = jnp.broadcast_to(alive[None], state.gamma[tau].shape)
     fields = {"gamma": (state.gamma[tau], cell_mask), "omega": (state.omega[tau], alive),
-              "C": (state.posterior_variance[tau], cell_mask), "H": (state.curvature[tau], cell_mask)}
+              "C": (state.posterior_variance[tau], cell_mask),
+              "H": (state.curvature[tau], cell_mask)}
     for name, (x, m) in fields.items():
       for stat, v in zip(("min", "median", "max"), _masked_stats(x, m)):
         out[f"{tau}/{name}_{stat}"] = v
