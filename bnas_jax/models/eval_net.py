@@ -157,7 +157,8 @@ def _preprocess(family: str, channels: int, reduce: bool, prev_reduce: str,
     return ops_lib.OPS["darts"][op](channels, 1, name=name)
   if reduce and prev_reduce == "factorized":
     return FactorizedCReduct(channels, name=name)
-  return ops_lib.OPS["bayesnas"]["creduct"](channels, 2 if reduce else 1, name=name)
+  # The shared CReduct (OPS['bayesnas']['creduct']); built directly so that it carries `name`.
+  return ops_lib.CReduct(channels, reduce_input=reduce, name=name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""Tests of the retraining loop (bnas_jax.train_eval) and its experiment configs.
+
+A tiny network (2 cells, C = 4, few ops, aux head) trains for a few steps on the lossless CIFAR-10
+subset fixture. Oracles: closed-form schedules; exact resume (a run stopped mid-epoch and resumed
+ends with exactly the test loss of an uninterrupted run); the files a run must leave behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from bnas_jax import genotype as genotype_lib
+from bnas_jax import input_pipeline
+from bnas_jax import train_eval
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = genotype_lib.Genotype(
+    space="darts",
+    normal=((2, 0, "sep_conv_3x3"), (2, 1, "skip_connect"), (3, 1, "max_pool_3x3"),
+            (3, 2, "skip_connect"), (4, 1, "avg_pool_3x3"), (4, 3, "skip_connect"),
+            (5, 1, "skip_connect"), (5, 4, "max_pool_3x3")),
+    reduce=((2, 0, "max_pool_3x3"), (2, 1, "sep_conv_3x3"), (3, 1, "max_pool_3x3"),
+            (3, 2, "skip_connect"), (4, 2, "skip_connect"), (4, 3, "avg_pool_3x3"),
+            (5, 2, "skip_connect"), (5, 4, "skip_connect")),
+    normal_concat=(2, 3, 4, 5), reduce_concat=(2, 3, 4, 5))
+
+
+def _load_experiment(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
+                                                                    f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _tiny_config(data_dir: str, genotype_path: str):
+  c = train_eval.default_config()
+  c.genotype = genotype_path  # a JSON path, as written by a search
+  c.model.init_channels = 4
+  c.model.num_cells = 2  # both cells are reductions: 32 -> 8, aux head on cell 1
+  c.data.data_dir = data_dir
+  c.data.num_train = 4000
+  c.data.num_test = 1000
+  c.train.epochs = 2
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 100
+  c.train.max_steps_per_epoch = 3
+  c.train.max_eval_examples = 200
+  c.checkpoint.async_save = False
+  c.log_every_steps = 1
+  c.progress = False
+  return c
+
+
+def test_schedules_match_closed_form():
+  t = train_eval.default_config().train
+  lr = train_eval.learning_rate_fn(t, steps_per_epoch=10)
+  for step, epoch in ((0, 0), (9, 0), (10, 1), (3005, 300), (5999, 599)):
+    want = 0.5 * 0.025 * (1 + math.cos(math.pi * epoch / 600))
+    assert float(lr(step)) == pytest.approx(want, rel=1e-5, abs=1e-9)  # float32
+  im = _load_experiment("imagenet_eval").get_config().train
+  lr = train_eval.learning_rate_fn(im, steps_per_epoch=7)
+  assert float(lr(7 * 10 + 3)) == pytest.approx(0.1 * 0.97 ** 10, rel=1e-5)
+  assert train_eval.drop_prob_at(t, 300) == pytest.approx(0.1)
+  assert train_eval.drop_prob_at(t, 0) == 0.0
+
+
+def test_experiment_configs_follow_the_protocols():
+  cifar = _load_experiment("cifar_eval")
+  c = cifar.get_config()
+  assert (c.mode, c.train.epochs, c.train.batch_size, c.train.lr, c.train.momentum,
+          c.train.weight_decay, c.train.grad_clip, c.data.cutout, c.train.drop_prob,
+          c.train.aux_weight, c.model.init_channels, c.model.num_cells) == (
+              "train", 600, 96, 0.025, 0.9, 3e-4, 5.0, 16, 0.2, 0.4, 36, 20)
+  assert cifar.get_config("cpu").model.num_cells < 20
+  im = _load_experiment("imagenet_eval").get_config()
+  assert (im.train.epochs, im.train.batch_size, im.train.label_smoothing, im.train.aux_weight,
+          im.model.num_cells, im.model.init_channels) == (250, 128, 0.1, 0.4, 14, 48)
+  with pytest.raises(ValueError, match="variant"):
+    cifar.get_config("gpu")
+
+
+def test_missing_imagenet_names_how_to_provide_it(tmp_path):
+  c = _load_experiment("imagenet_eval").get_config()
+  c.data.data_dir = str(tmp_path / "no_imagenet_here")
+  with pytest.raises(input_pipeline.DatasetNotFoundError, match="tfds build imagenet2012"):
+    train_eval.load_data(c)
+
+
+def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp_path):
+  geno_path = str(tmp_path / "genotype.json")
+  TINY.save(geno_path)
+  config = _tiny_config(cifar10_subset_dir, geno_path)
+
+  # Uninterrupted: 2 epochs x 3 steps.
+  full = train_eval.run(config, str(tmp_path / "full"))
+  assert full["epochs_done"] == 2 and len(full["history"]) == 2
+  assert 0.0 <= full["test_error"] <= 100.0 and full["test_examples"] == 200
+  assert full["aux_params"] > 0
+  for name in ("config.json", "results.json", "log.txt"):
+    assert os.path.exists(tmp_path / "full" / name)
+  assert os.listdir(tmp_path / "full" / "tensorboard")
+  with open(tmp_path / "full" / "results.json") as f:
+    assert json.load(f)["test_error"] == full["test_error"]
+
+  # Stopped at global step 4 (mid epoch 2, checkpointed), then resumed in the same workdir.
+  config.train.stop_after_steps = 4
+  part = train_eval.run(config, str(tmp_path / "resumed"))
+  assert part["epochs_done"] == 1 and "test_error" not in part
+  config.train.stop_after_steps = -1
+  resumed = train_eval.run(config, str(tmp_path / "resumed"))
+  assert resumed["epochs_done"] == 2
+  for key in ("test_loss", "test_accuracy"):
+    assert resumed[key] == full[key], key  # bit-identical training trajectory
+  np.testing.assert_equal(resumed["history"][0]["test_loss"], full["history"][0]["test_loss"])
