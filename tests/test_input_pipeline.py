@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tarfile
@@ -464,3 +465,54 @@ def test_two_devices_split_the_batch_and_match_one_device():
   # The split is identical in another process.
   assert out['split_head'] == ip.split_train(50_000, {'warmup': 5_000}, 0)['warmup'][:20].tolist()
   assert not out['tensorflow']
+
+
+_MULTI_PROCESS_WORKER = textwrap.dedent('''
+    import sys
+    import jax
+    pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                               process_id=pid)
+    import numpy as np
+    from bnas_jax import input_pipeline as ip
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    sharding = ip.batch_sharding(ip.make_mesh())
+    result = {}
+    for step, b in enumerate(ip.epoch_batches(
+        images, np.arange(64), batch_size=16, seed=5, epoch=1, mean=ip.CIFAR10_MEAN,
+        std=ip.CIFAR10_STD, augment=True, cutout=16, sharding=sharding)):
+      (shard,) = b['image'].addressable_shards
+      result[f'rows{step}'] = np.array([shard.index[0].start, shard.index[0].stop])
+      result[f'image{step}'] = np.asarray(shard.data)
+      result[f'label{step}'] = np.asarray(b['label'].addressable_shards[0].data)
+    assert jax.process_count() == 2 and jax.device_count() == 2
+    np.savez(out, **result)
+''')
+
+
+def test_two_processes_assemble_the_global_batch(tmp_path):
+  """jax.distributed on CPU: each process loads only its rows; together they form the batch."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, '-c', _MULTI_PROCESS_WORKER, str(pid), str(port),
+                             str(tmp_path / f'p{pid}.npz')], env=env, stderr=subprocess.PIPE,
+                            text=True) for pid in (0, 1)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+  single = list(ip.epoch_batches(images, np.arange(64), batch_size=16, seed=5, epoch=1,
+                                 mean=MEAN, std=STD, augment=True, cutout=16))
+  parts = [np.load(tmp_path / f'p{pid}.npz') for pid in (0, 1)]
+  for step, batch in enumerate(single):
+    assert [list(p[f'rows{step}']) for p in parts] == [[0, 8], [8, 16]]
+    np.testing.assert_array_equal(np.concatenate([p[f'label{step}'] for p in parts]),
+                                  np.asarray(batch['label']))
+    np.testing.assert_allclose(np.concatenate([p[f'image{step}'] for p in parts]),
+                               np.asarray(batch['image']), atol=1e-6)
