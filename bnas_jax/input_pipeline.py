@@ -367,9 +367,20 @@ def load_tfds(name: str, data_dir: str | None = None, *, num_train: int = 50_000
 
 
 def prepare_tfds(name: str, data_dir: str | None = None) -> None:
-  """Downloads and prepares ``name`` with TFDS in the array_record format (needs internet and
-  TensorFlow: ``pip install -e .[prepare]``). Not used by training."""
+  """Downloads and prepares ``name`` with TFDS in the array_record format.
+
+  Needs internet and TensorFlow (TFDS's CIFAR builder reads and encodes with it):
+  ``pip install -e .[prepare]``. Not used by training.
+
+  Raises:
+    DatasetError: TensorFlow (or TFDS's download helper) is not installed.
+  """
   _dataset_info(name)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
+  if missing:
+    raise DatasetError(f'preparing {name} with TFDS needs {missing}: run `pip install -e .[prepare]` '
+                       f'(or use config.data.source="local" with a local copy).')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
