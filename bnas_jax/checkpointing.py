@@ -1,0 +1,120 @@
+"""Checkpointing: a thin wrapper around orbax's `CheckpointManager`.
+
+A checkpoint holds two items:
+
+* ``state``: a pytree of arrays (network variables, switches, optimiser states, prior state, the
+  rng key data), saved with `orbax.checkpoint.args.StandardSave` and restored onto the shardings of
+  an abstract target (`jax.ShapeDtypeStruct` leaves, e.g. from `jax.eval_shape`), so a replicated
+  state comes back replicated on the current mesh;
+* ``meta``: a JSON dict (the data position: phase / iteration / epoch / step, the global step, the
+  history of the run), saved with `orbax.checkpoint.args.JsonSave`.
+
+Orbax writes every checkpoint into a temporary folder and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact (atomic); `max_to_keep` keeps the last N. Checkpoints
+are numbered by a monotonic *save index* (not the optimiser step), because a run saves several
+times at the same optimiser step (e.g. after an epoch and after the prior update that follows it);
+the meta item says where in the run each one was taken.
+
+Callers must only hand finite states to `save` (the search loop checks before saving), so the
+latest checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE = "state"
+META = "meta"
+
+
+class Checkpointer:
+  """Atomic, keep-last-N checkpoints of ``(state pytree, meta dict)`` under one directory.
+
+  Args:
+    directory: where checkpoints live (created if missing), e.g. ``<workdir>/checkpoints``.
+    max_to_keep: number of most recent checkpoints kept (older ones are deleted).
+    async_save: if True, array writes to disk happen in a background thread after the (blocking)
+      device-to-host copy; call `wait` (or `close`) before reading the files or exiting.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE, META))
+
+  def latest_index(self) -> int | None:
+    """Save index of the newest complete checkpoint, or None if there is none."""
+    return self._manager.latest_step()
+
+  def all_indices(self) -> list[int]:
+    """Save indices of the checkpoints on disk, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, index: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Saves `state` and `meta` as checkpoint number `index` (must exceed every existing index).
+
+    Raises:
+      ValueError: if `index` is not larger than the latest saved index.
+    """
+    latest = self.latest_index()
+    if latest is not None and index <= latest:
+      raise ValueError(f"checkpoint index {index} must be larger than the latest one ({latest})")
+    self._manager.save(index, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(dict(meta))}), force=True)
+
+  def restore(self, abstract_state: Any, index: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores checkpoint `index` (default: the latest).
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or arrays giving the
+        structure, dtypes and target shardings of the state.
+      index: the save index; None = latest.
+
+    Returns:
+      ``(state, meta)``.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint in the directory.
+    """
+    if index is None:
+      index = self.latest_index()
+    if index is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract_state = jax.tree.map(_as_abstract, abstract_state)
+    restored = self._manager.restore(index, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    return restored[STATE], dict(restored[META])
+
+  def restore_meta(self, index: int | None = None) -> dict[str, Any] | None:
+    """Only the meta dict of checkpoint `index` (default latest); None if there is no checkpoint."""
+    if index is None:
+      index = self.latest_index()
+    if index is None:
+      return None
+    restored = self._manager.restore(index, args=ocp.args.Composite(
+        **{META: ocp.args.JsonRestore()}))
+    return dict(restored[META])
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _as_abstract(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  sharding = getattr(x, "sharding", None)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

@@ -1,0 +1,96 @@
+r"""Entry point of bnas_jax: a BayesNAS search or a retraining run, chosen by ``config.mode``.
+
+Usage::
+
+  python -m bnas_jax.main --config experiments/cifar_proxy.py --workdir /tmp/bnas/proxy
+  python -m bnas_jax.main --config experiments/cifar_proxy.py:cpu --workdir /tmp/bnas/cpu \
+      --config.data.data_dir ~/.cache/bnas_jax/cifar-10-batches-bin --config.search.iterations 2
+
+The config file exposes ``get_config(arg=None)``; ``:variant`` is passed as `arg`. The config is
+locked, so an override of a field that does not exist (``--config.serch.lr=1``) fails at once and
+names the field. ``--workdir`` alone (no ``--config``) resumes the run stored there: the config is
+read back from ``<workdir>/config.json``.
+
+This file stays thin on purpose (the flax examples' pattern): flags, logging, device set-up, then
+one library call (`bnas_jax.search.run` or `bnas_jax.train_eval.run`), which tests and notebooks can
+call directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Run directory (config, logs, checkpoints, TensorBoard, "
+                    "genotype). An existing run directory is resumed.")
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/cifar_proxy.py[:variant]. May be "
+    "omitted when resuming: the config stored in --workdir is used.", lock_config=True)
+flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host runs). "
+                  "Defaults to config.distributed.")
+flags.mark_flags_as_required(["workdir"])
+
+CONFIG_FILE = "config.json"
+
+# mode -> module whose ``run(config, workdir)`` does the work.
+RUNNERS = {"search": "bnas_jax.search", "train": "bnas_jax.train_eval"}
+
+
+def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """Reads back the resolved config of an earlier run (``<workdir>/config.json``), locked.
+
+  Raises:
+    FileNotFoundError: if the workdir holds no config.json (then pass --config).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--config not given and {path} does not exist: pass --config "
+                            "experiments/<name>.py to start a new run")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
+
+
+def get_runner(mode: str):
+  """Returns the ``run(config, workdir)`` function for `mode` ('search' or 'train').
+
+  Raises:
+    ValueError: naming the unknown mode and the known ones.
+  """
+  if mode not in RUNNERS:
+    raise ValueError(f"config.mode={mode!r} is unknown; choose one of {sorted(RUNNERS)}")
+  return importlib.import_module(RUNNERS[mode]).run  # lazy: train_eval is optional for a search
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+  config = FLAGS.config if FLAGS.config is not None else load_config_from_workdir(workdir)
+
+  distributed = FLAGS.distributed
+  if distributed is None:
+    distributed = bool(config.get("distributed", False))
+  if distributed:
+    jax.distributed.initialize()  # cluster detection from the environment (SLURM, TPU pods, ...)
+
+  logging.info("JAX process %d / %d; local devices: %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())
+  get_runner(config.mode)(config, workdir)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

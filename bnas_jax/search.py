@@ -1,0 +1,920 @@
+"""BayesNAS search runner: Algorithm 1 with T outer iterations (spec 4.4, 5, 11).
+
+`run(config, workdir)` does, with all state checkpointed so a killed run resumes exactly:
+
+1. ``search.warmup_epochs`` warm-up epochs on the network weights only (switches frozen at 1) on
+   the ``'warmup'`` split (spec 5 step 1; cutout ``config.data.cutout``);
+2. for t = 1..T (``search.iterations``):
+
+   a. one epoch on weights and switches on the ``'search'`` split (spec 5 step 2): two SGD
+      optimisers with momentum (weights: ``search.lr`` / ``search.weight_decay``; switches:
+      ``search.switch_lr``, no weight decay), loss = mean NLL + the reweighted group-l1 penalty
+      `bayes.penalty` (``search.penalty_mode='subgradient'``, as the original) or NLL followed by
+      the group soft-threshold `bayes.prox_group_l1` (``'proximal'``); pruned switches stay exactly 0;
+   b. a curvature pass: ``curvature.kind`` of `bnas_jax.curvature.CURVATURE_FNS` over
+      ``curvature.num_batches`` batches of the search split, averaged (curvature of the *mean*
+      loss), times ``bayes.curvature_scale`` (see below);
+   c. `bayes.update` (gamma, omega, C, pruning), then the supernet is rebuilt with the new static
+      ``alive`` mask (pruned ops cost no compute; the step functions are compiled once per mask);
+   d. supernet accuracy on the ``'val'`` split (the test set is never used for decisions), and the
+      iteration's genotype (`genotype.derive` with the group gammas as scores) written under
+      ``<workdir>/iterations/tNN/``;
+3. ``<workdir>/genotype.json`` + cell pictures, ``prior.npz`` and ``summary.json``.
+
+Curvature units (spec 6.3, 6.4). The estimators return the diagonal curvature of the *mean* loss
+over a batch. The original's ``h`` is a *sum* over its last 18-image batch (about 18x the
+mean-loss value, up to its quirky constant factors), and its lambdas (0.005-0.01) were tuned
+against that. ``bayes.curvature_scale`` multiplies the mean-loss curvature before `bayes.update`
+divides it by lambda; the default equals the search batch size (18 in the proxy config), which puts
+``H = scale * h / lambda`` in the original's units so that the published lambdas are a sensible
+starting point. Lambda still needs calibration (spec 6.4, 10): look at the logged ``H`` and
+``gamma`` medians. (A "full Laplace" choice would be the number of search examples, 40,000: the
+log-likelihood of the whole split; with it the published lambdas prune far more.)
+
+Data parallelism: one `jax.jit`-ted step over a 1-D mesh of all devices (axis ``'data'``), the
+batch sharded (``NamedSharding(mesh, P('data'))``) and the state replicated; XLA's SPMD partitioner
+inserts the gradient all-reduce and computes train-mode batch-norm statistics over the *global*
+batch, so any device count gives the single-device result (up to float reassociation).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from bnas_jax import bayes
+from bnas_jax import checkpointing
+from bnas_jax import curvature as curvature_lib
+from bnas_jax import input_pipeline
+from bnas_jax import metrics as metrics_lib
+from bnas_jax.search_space import spaces
+
+PHASE_WARMUP = "warmup"
+PHASE_SEARCH = "search"
+PHASE_UPDATE = "update"
+PHASE_DONE = "done"
+
+CONFIG_JSON = "config.json"
+CONFIG_YAML = "config.yaml"
+PENALTY_MODES = ("subgradient", "proximal")
+
+
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss, gradient or prior state stopped the run (the last good checkpoint is kept)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Config.
+# --------------------------------------------------------------------------------------------------
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields of a search config with the official proxy-search values (spec 5, 7.1).
+
+  Experiment files (``experiments/*.py``) start from this and change what differs.
+  """
+  c = ml_collections.ConfigDict()
+  c.mode = "search"
+  c.seed = 0  # model init and curvature keys; the data seed is config.data.seed
+  c.distributed = False  # jax.distributed.initialize() in main (multi-host)
+  c.space = "bayesnas"  # bnas_jax.search_space.spaces.get_space name
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init_channels = 36  # C (spec 2.4: 36; DARTS search uses 16)
+  c.model.num_cells = 8  # bayesnas/darts: cells; nb201: cells per stage (see create_supernet)
+
+  c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
+  c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
+
+  c.search = ml_collections.ConfigDict()
+  c.search.warmup_epochs = 1
+  c.search.iterations = 3  # T outer iterations (the original: 1)
+  c.search.batch_size = 18  # global batch (spec 5)
+  c.search.lr = 0.1  # weights, constant
+  c.search.momentum = 0.9
+  c.search.weight_decay = 1e-4
+  c.search.switch_lr = 0.1
+  c.search.switch_momentum = 0.9
+  c.search.switch_cutout = 0  # the original's switch epoch: crop + flip, no cutout
+  c.search.penalty_mode = "subgradient"  # or 'proximal'
+  c.search.max_steps_per_epoch = -1  # > 0 caps every epoch (smoke tests); -1 = full epochs
+  c.search.eval_batch_size = 200
+  c.search.max_eval_examples = -1  # > 0 evaluates on the first N val examples only
+
+  c.bayes = ml_collections.ConfigDict()
+  c.bayes.lambda_origin = 0.01
+  c.bayes.lambda_op = 0.01
+  c.bayes.curvature_scale = -1.0  # -1: = search.batch_size (the original's units, module doc)
+  c.bayes.prune_threshold = 1e-3
+  c.bayes.prune_mode = "relative"  # 'absolute' | 'relative' (to the largest live gamma per type)
+  c.bayes.random_init = False  # True: U(0, 1) gamma/omega as the original (spec 4.2)
+  c.bayes.gamma_init = 1.0
+  c.bayes.omega_init = 1.0
+  c.bayes.eps_omega = bayes.EPS_OMEGA
+  c.bayes.fidelity = False  # the original's gamma* quirk (spec 4.2 step 3)
+
+  c.curvature = ml_collections.ConfigDict()
+  c.curvature.kind = curvature_lib.DEFAULT_CURVATURE
+  c.curvature.num_batches = 10  # M (spec 6.4 suggests 10-50; the original used 1)
+  c.curvature.batch_size = -1  # -1: = search.batch_size
+  c.curvature.chunk_size = -1  # > 0: passes per vectorised call (memory); -1: estimator default
+
+  c.nb201 = ml_collections.ConfigDict()
+  c.nb201.table = ml_collections.config_dict.placeholder(str)  # None: bnas_jax.nb201 default
+  c.nb201.dataset = "cifar10"
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 500  # plus at every epoch end and after every prior update
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = False
+
+  c.log_every_steps = 50  # metrics fetched from the device (and finiteness checked) this often
+  c.progress_bar = True
+
+  c.debug = ml_collections.ConfigDict()
+  c.debug.stop_after_steps = -1  # > 0: stop after this many optimiser steps (simulated kill)
+  c.debug.nan_at_step = -1  # >= 0: feed a NaN image batch at this global step (tests)
+  return c
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming a bad config value and the fix."""
+  s = config.search
+  if s.penalty_mode not in PENALTY_MODES:
+    raise ValueError(f"config.search.penalty_mode={s.penalty_mode!r}; use one of {PENALTY_MODES}")
+  if s.iterations < 0 or s.warmup_epochs < 0:
+    raise ValueError("config.search.iterations and config.search.warmup_epochs must be >= 0")
+  for name in ("warmup", "search", "val"):
+    if name not in config.data.splits or int(config.data.splits[name]) <= 0:
+      raise ValueError(f"config.data.splits needs a positive {name!r} size, got "
+                       f"{dict(config.data.splits)}")
+  if config.curvature.kind not in curvature_lib.CURVATURE_FNS:
+    raise ValueError(f"config.curvature.kind={config.curvature.kind!r}; choose one of "
+                     f"{sorted(curvature_lib.CURVATURE_FNS)}")
+  if config.curvature.num_batches < 1:
+    raise ValueError("config.curvature.num_batches must be >= 1")
+  if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
+    raise ValueError("config.checkpoint.every_steps and config.log_every_steps must be >= 1")
+  spaces.get_space(config.space)
+
+
+def _curvature_scale(config) -> float:
+  scale = float(config.bayes.curvature_scale)
+  return float(config.search.batch_size) if scale < 0 else scale
+
+
+def _curvature_batch_size(config) -> int:
+  b = int(config.curvature.batch_size)
+  return int(config.search.batch_size) if b < 0 else b
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the resolved config; warns when a resumed run's config differs from the stored one."""
+  path = os.path.join(workdir, CONFIG_JSON)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      stored = _flatten(json.loads(old))
+      new = _flatten(json.loads(text))
+      diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
+      logging.warning("config differs from the one stored in %s in %s; the new config is used "
+                      "and stored (the old one is kept as config.previous.json)", path, diff)
+      os.replace(path, os.path.join(workdir, "config.previous.json"))
+  with open(path, "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, CONFIG_YAML), "w") as f:
+    f.write(config.to_yaml())
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, state and the jitted step functions.
+# --------------------------------------------------------------------------------------------------
+
+
+def create_model(config, num_classes: int, alive: spaces.FrozenMask | None = None):
+  """The supernet of `config` with static mask `alive` (None = all ops)."""
+  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
+  kwargs = {k: v for k, v in config.model.items() if k not in ("init_channels", "num_cells")}
+  return supernet.create_supernet(config.space, init_channels=config.model.init_channels,
+                                  num_cells=config.model.num_cells, num_classes=num_classes,
+                                  alive=alive, **kwargs)
+
+
+def cell_counts(config) -> dict[str, int]:
+  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
+  return dict(supernet.cell_counts(config.space, config.model.num_cells))
+
+
+def init_state(config, num_classes: int, switch_shapes: Mapping[str, tuple[int, ...]],
+               key: jax.Array) -> dict[str, Any]:
+  """The full search state (pure; jit it with replicated out_shardings).
+
+  Returns:
+    ``{'params', 'batch_stats', 'switches' {tau: f32[n, E, K]} (ones), 'opt_w', 'opt_s',
+    'prior' (bayes.HardPriorState), 'rng' u32[2] (key data of `key`), 'step' i32[]}``.
+  """
+  model = create_model(config, num_classes)
+  seed = int(config.seed)
+  k_init, k_prior = jax.random.split(key)
+  switches = {t: jnp.ones(s, jnp.float32) for t, s in switch_shapes.items()}
+  images = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  variables = model.init(k_init, images, switches, train=False)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  tx_w, tx_s = _optimizers(config)
+  prior = bayes.init(switches, key=k_prior, random_init=bool(config.bayes.random_init),
+                     gamma_init=float(config.bayes.gamma_init),
+                     omega_init=float(config.bayes.omega_init))
+  return {"params": params, "batch_stats": batch_stats, "switches": switches,
+          "opt_w": tx_w.init(params), "opt_s": tx_s.init(switches), "prior": prior,
+          "rng": jax.random.key_data(jax.random.key(seed)), "step": jnp.zeros((), jnp.int32)}
+
+
+def _optimizers(config):
+  s = config.search
+  # PyTorch SGD(weight_decay=wd): the decay enters the gradient before momentum.
+  tx_w = optax.chain(optax.add_decayed_weights(float(s.weight_decay)),
+                     optax.sgd(float(s.lr), momentum=float(s.momentum)))
+  tx_s = optax.chain(optax.sgd(float(s.switch_lr), momentum=float(s.switch_momentum)),
+                     bayes.mask_updates())
+  return tx_w, tx_s
+
+
+def _merge_collection(old, new):
+  """``old`` with the entries of ``new`` replaced (modules skipped by the mask keep theirs)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(old))
+  flat.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(new)))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def _nll_and_correct(logits, labels, weights=None):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  if weights is not None:
+    nll, correct = nll * weights, correct * weights
+  return nll, correct
+
+
+def new_train_acc() -> dict[str, jax.Array]:
+  """Device-side running sums of a training phase, fetched every ``log_every_steps``."""
+  z = lambda: np.zeros((), np.float32)  # distinct buffers: the accumulator is donated
+  return {"loss": z(), "nll": z(), "penalty": z(), "correct": z(), "count": z(), "steps": z(),
+          "grad_norm": z(), "switch_grad_norm": z(), "nonfinite": np.zeros((), np.int32),
+          "first_bad_step": np.full((), -1, np.int32)}
+
+
+def _acc_update(acc, *, loss, nll, penalty, correct, count, grad_norm, switch_grad_norm, step):
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(switch_grad_norm)
+  return {"loss": acc["loss"] + loss, "nll": acc["nll"] + nll, "penalty": acc["penalty"] + penalty,
+          "correct": acc["correct"] + correct, "count": acc["count"] + count,
+          "steps": acc["steps"] + 1.0, "grad_norm": acc["grad_norm"] + grad_norm,
+          "switch_grad_norm": acc["switch_grad_norm"] + switch_grad_norm,
+          "nonfinite": acc["nonfinite"] + (~finite).astype(jnp.int32),
+          "first_bad_step": jnp.where((acc["first_bad_step"] < 0) & ~finite, step,
+                                      acc["first_bad_step"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticKey:
+  """Everything the compiled step functions depend on (hashable: the compile cache key)."""
+  config_json: str  # the parts of the config that enter the step functions
+  num_classes: int
+  alive: spaces.FrozenMask | None
+  mesh: jax.sharding.Mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """The jitted functions of one alive mask (compiled once, reused for every epoch)."""
+  warmup_step: Any
+  search_step: Any
+  eval_step: Any
+  curvature_fn: Any
+  prior_update: Any
+
+
+def _static_key(config, num_classes, alive, mesh) -> _StaticKey:
+  part = {k: config[k].to_dict() for k in ("model", "search", "bayes", "curvature")}
+  part["space"] = config.space
+  return _StaticKey(json.dumps(part, sort_keys=True), num_classes, alive, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_step_fns(key: _StaticKey) -> StepFns:
+  config = ml_collections.ConfigDict(json.loads(key.config_json))
+  model = create_model(config, key.num_classes, key.alive)
+  tx_w, tx_s = _optimizers(config)
+  lam_o, lam_op = float(config.bayes.lambda_origin), float(config.bayes.lambda_op)
+  proximal = config.search.penalty_mode == "proximal"
+  switch_lr = float(config.search.switch_lr)
+  replicated = NamedSharding(key.mesh, P())
+
+  def forward_train(params, batch_stats, switches, images):
+    logits, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                  switches, train=True, mutable=["batch_stats"])
+    return logits, mutated.get("batch_stats", {})
+
+  def warmup_step(state, acc, batch):
+    ones = jax.tree.map(jnp.ones_like, state["switches"])  # frozen at 1 (spec 5 step 1)
+
+    def loss_fn(params):
+      logits, new_bs = forward_train(params, state["batch_stats"], ones, batch["image"])
+      nll, correct = _nll_and_correct(logits, batch["label"])
+      return jnp.mean(nll), (new_bs, jnp.sum(correct))
+
+    (loss, (new_bs, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_w = tx_w.update(grads, state["opt_w"], state["params"])
+    new = dict(state, params=optax.apply_updates(state["params"], updates), opt_w=opt_w,
+               batch_stats=_merge_collection(state["batch_stats"], new_bs),
+               step=state["step"] + 1)
+    acc = _acc_update(acc, loss=loss, nll=loss, penalty=0.0, correct=correct,
+                      count=float(batch["label"].shape[0]), grad_norm=optax.global_norm(grads),
+                      switch_grad_norm=jnp.zeros(()), step=state["step"])
+    return new, acc
+
+  def search_step(state, acc, batch):
+    prior = state["prior"]
+
+    def loss_fn(params, switches):
+      logits, new_bs = forward_train(params, state["batch_stats"], switches, batch["image"])
+      nll, correct = _nll_and_correct(logits, batch["label"])
+      nll = jnp.mean(nll)
+      pen = (jnp.zeros(()) if proximal else bayes.penalty(switches, prior, lam_o, lam_op))
+      return nll + pen, (nll, pen, new_bs, jnp.sum(correct))
+
+    (loss, (nll, pen, new_bs, correct)), (g_w, g_s) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state["params"], state["switches"])
+    upd_w, opt_w = tx_w.update(g_w, state["opt_w"], state["params"])
+    upd_s, opt_s = tx_s.update(g_s, state["opt_s"], state["switches"], alive=prior.alive)
+    switches = optax.apply_updates(state["switches"], upd_s)
+    if proximal:
+      switches = bayes.prox_group_l1(switches, prior, lam_o, lam_op, switch_lr)
+      pen = bayes.penalty(switches, prior, lam_o, lam_op)
+      loss = nll + pen
+    switches = bayes.apply_mask(switches, prior.alive)
+    new = dict(state, params=optax.apply_updates(state["params"], upd_w), opt_w=opt_w,
+               switches=switches, opt_s=opt_s,
+               batch_stats=_merge_collection(state["batch_stats"], new_bs),
+               step=state["step"] + 1)
+    acc = _acc_update(acc, loss=loss, nll=nll, penalty=pen, correct=correct,
+                      count=float(batch["label"].shape[0]), grad_norm=optax.global_norm(g_w),
+                      switch_grad_norm=optax.global_norm(g_s), step=state["step"])
+    return new, acc
+
+  def eval_step(state, acc, batch):
+    logits = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                         batch["image"], state["switches"], train=False)
+    weights = batch.get("mask")
+    if weights is None:
+      weights = jnp.ones(batch["label"].shape, jnp.float32)
+    nll, correct = _nll_and_correct(logits, batch["label"], weights)
+    return {"nll": acc["nll"] + jnp.sum(nll), "correct": acc["correct"] + jnp.sum(correct),
+            "count": acc["count"] + jnp.sum(weights)}
+
+  def apply_fn(variables, switches, images):
+    logits, _ = model.apply(variables, images, switches, train=True, mutable=["batch_stats"])
+    return logits
+
+  opts = {}
+  if int(config.curvature.chunk_size) > 0:
+    opts["chunk_size"] = int(config.curvature.chunk_size)
+  curvature_fn = curvature_lib.make_curvature_fn(config.curvature.kind, apply_fn, jit=True,
+                                                 **opts)
+
+  def prior_update(prior, switches, h):
+    return bayes.update(prior, switches, h, lambda_origin=lam_o, lambda_op=lam_op,
+                        prune_threshold=float(config.bayes.prune_threshold),
+                        prune_mode=config.bayes.prune_mode,
+                        eps_omega=float(config.bayes.eps_omega),
+                        fidelity=bool(config.bayes.fidelity))
+
+  train_kw = dict(donate_argnums=(0, 1), out_shardings=(replicated, replicated))
+  return StepFns(
+      warmup_step=jax.jit(warmup_step, **train_kw),
+      search_step=jax.jit(search_step, **train_kw),
+      eval_step=jax.jit(eval_step, donate_argnums=(1,), out_shardings=replicated),
+      curvature_fn=curvature_fn,
+      prior_update=jax.jit(prior_update, out_shardings=replicated))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SearchResult:
+  """What `run` returns (also written to ``<workdir>/summary.json``).
+
+  Attributes:
+    completed: False if the run stopped early (``debug.stop_after_steps``).
+    genotype: the final `bnas_jax.genotype.Genotype` (None if not completed).
+    gamma: group prior variances ``{tau: f32[E, K]}`` (numpy) at the end.
+    alive: group mask ``{tau: bool[E, K]}`` at the end.
+    val_accuracy: supernet accuracy on the val split after the last iteration (or warm-up).
+    history: one dict per finished outer iteration (val accuracy, live switches, genotype, ...).
+    global_step: optimiser steps taken.
+  """
+  completed: bool
+  genotype: Any
+  gamma: dict[str, np.ndarray]
+  alive: dict[str, np.ndarray]
+  val_accuracy: float | None
+  history: list[dict[str, Any]]
+  global_step: int
+
+
+@dataclasses.dataclass
+class _Position:
+  """Where the run is: the next thing to do (stored in every checkpoint's meta)."""
+  phase: str = PHASE_WARMUP
+  iteration: int = 0  # outer iteration t (1-based) of the search/update phases; 0 in warm-up
+  epoch: int = 0  # warm-up epoch index
+  step: int = 0  # next step inside the current epoch
+  global_step: int = 0
+
+
+class _Runner:
+  """Holds the per-run objects; `run` is the only public entry."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    self.space = spaces.get_space(config.space)
+    self.mesh = input_pipeline.make_mesh()
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
+    n_dev = self.mesh.devices.size
+    for name, b in (("search.batch_size", config.search.batch_size),
+                    ("search.eval_batch_size", config.search.eval_batch_size),
+                    ("curvature.batch_size", _curvature_batch_size(config))):
+      if int(b) % n_dev:
+        raise ValueError(f"config.{name}={b} is not divisible by the {n_dev} devices; use a "
+                         f"multiple of {n_dev}")
+
+    self.dataset = input_pipeline.load_dataset(config.data)
+    self.splits = input_pipeline.make_splits(self.dataset, dict(config.data.splits),
+                                             int(config.data.seed))
+    self.num_classes = int(self.dataset.num_classes)
+    self.cell_counts = cell_counts(config)
+    self.switch_shapes = self.space.switch_shapes(self.cell_counts)
+    self.writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"),
+                                           enabled=self.is_main)
+    self.ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=int(config.checkpoint.max_to_keep),
+        async_save=bool(config.checkpoint.async_save))
+    self.save_index = -1
+    self.last_good: tuple[int, int] | None = None  # (save index, global step)
+    self.history: list[dict[str, Any]] = []
+    self.val_accuracy: float | None = None
+    self._nb201_table = None
+    self._nb201_warned = False
+
+  # ---- helpers ----------------------------------------------------------------------------------
+
+  def steps_in(self, split: str, batch_size: int) -> int:
+    n = input_pipeline.steps_per_epoch(len(self.splits[split][1]), batch_size)
+    cap = int(self.config.search.max_steps_per_epoch)
+    if n == 0:
+      raise ValueError(f"the {split!r} split ({len(self.splits[split][1])} examples) is smaller "
+                       f"than one batch ({batch_size}); enlarge config.data.splits.{split}")
+    return min(n, cap) if cap > 0 else n
+
+  def fns(self, alive_mask) -> StepFns:
+    frozen = spaces.freeze_mask(alive_mask)
+    if all(all(row) for _, rows in frozen for row in rows):
+      frozen = None  # the full supernet: share the warm-up compilation
+    return _build_step_fns(_static_key(self.config, self.num_classes, frozen, self.mesh))
+
+  def abstract_state(self):
+    shapes = jax.eval_shape(functools.partial(init_state, self.config, self.num_classes,
+                                              self.switch_shapes), _init_key(0))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
+                        shapes)
+
+  def fresh_state(self):
+    """Initial state, computed on one device and replicated (identical for any device count)."""
+    key = _init_key(int(self.config.seed))
+    init = jax.jit(functools.partial(init_state, self.config, self.num_classes, self.switch_shapes))
+    return self.replicate(init(key))
+
+  def replicate(self, tree):
+    """Host/one-device pytree -> arrays replicated over the mesh, one distinct buffer per leaf."""
+    if jax.process_count() == 1:
+      return jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), self.replicated), tree)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), tree)
+
+  def meta(self, pos: _Position) -> dict[str, Any]:
+    return {"position": dataclasses.asdict(pos), "history": self.history,
+            "val_accuracy": self.val_accuracy, "seed": int(self.config.seed),
+            "data_seed": int(self.config.data.seed)}
+
+  def save(self, state, pos: _Position) -> None:
+    """Saves a checkpoint (the caller has checked that everything since the last one is finite)."""
+    self.save_index += 1
+    if self.config.checkpoint.async_save:
+      state = jax.tree.map(jnp.copy, state)  # the live buffers are donated to the next step
+    self.ckpt.save(self.save_index, state, self.meta(pos))
+    self.last_good = (self.save_index, pos.global_step)
+
+  def fail_nonfinite(self, what: str, pos: _Position, step: int | None = None) -> None:
+    self.ckpt.wait()
+    where = f"global step {step}" if step is not None and step >= 0 else f"step ~{pos.global_step}"
+    kept = (f"the last good checkpoint (#{self.last_good[0]}, taken at global step "
+            f"{self.last_good[1]}) is kept in {self.ckpt.directory}"
+            if self.last_good else "no checkpoint had been written yet")
+    msg = (f"non-finite {what} at {where} (phase {pos.phase!r}, iteration {pos.iteration}, "
+           f"epoch {pos.epoch}): stopping the run; {kept}. Lower search.lr / search.switch_lr "
+           "or check the data, then rerun with the same --workdir to resume from it.")
+    logging.error(msg)
+    raise NonFiniteError(msg)
+
+  # ---- phases -----------------------------------------------------------------------------------
+
+  def run_epoch(self, state, pos: _Position, phase: str) -> tuple[Any, _Position, bool]:
+    """Runs (the rest of) one warm-up or search epoch. Returns (state, pos, interrupted)."""
+    c = self.config
+    prior_alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
+    fns = self.fns(prior_alive)
+    if phase == PHASE_WARMUP:
+      split, step_fn, epoch = "warmup", fns.warmup_step, pos.epoch
+      augment_cutout = int(c.data.cutout)
+      data_epoch = epoch
+      desc = f"warm-up {epoch + 1}/{c.search.warmup_epochs}"
+    else:
+      split, step_fn = "search", fns.search_step
+      augment_cutout = int(c.search.switch_cutout)
+      data_epoch = pos.iteration - 1
+      desc = f"search t={pos.iteration}/{c.search.iterations}"
+    images, labels = self.splits[split]
+    b = int(c.search.batch_size)
+    steps = self.steps_in(split, b)
+    # Distinct data streams per phase: the split names seed different permutations/augmentations.
+    seed = _phase_seed(int(c.data.seed), split)
+    batches = input_pipeline.epoch_batches(
+        images, labels, batch_size=b, seed=seed, epoch=data_epoch, mean=self.dataset.mean,
+        std=self.dataset.std, augment=True, cutout=augment_cutout, start_step=pos.step,
+        sharding=self.batch_sharding)
+    acc = self.replicate(new_train_acc())
+    bar = metrics_lib.Progress(steps, desc, initial=pos.step,
+                               enabled=bool(c.progress_bar) and self.is_main)
+    t_window, steps_window = time.perf_counter(), 0
+    stop_after = int(c.debug.stop_after_steps)
+    nan_at = int(c.debug.nan_at_step)
+    try:
+      for step in range(pos.step, steps):
+        batch = next(batches)
+        if pos.global_step == nan_at:
+          batch = dict(batch, image=batch["image"] * jnp.nan)
+        state, acc = step_fn(state, acc, batch)
+        pos.step, pos.global_step = step + 1, pos.global_step + 1
+        steps_window += 1
+        bar.update(1)
+        log_now = pos.global_step % int(c.log_every_steps) == 0 or pos.step == steps
+        save_now = pos.global_step % int(c.checkpoint.every_steps) == 0
+        stop_now = stop_after > 0 and pos.global_step >= stop_after
+        if log_now or save_now or stop_now:
+          acc = self.log_train(acc, pos, phase, state, time.perf_counter() - t_window,
+                               steps_window)
+          t_window, steps_window = time.perf_counter(), 0
+          if save_now and pos.step < steps:
+            self.save(state, pos)
+        if stop_now:
+          logging.warning("debug.stop_after_steps=%d reached: stopping without a final "
+                          "checkpoint (simulated kill)", stop_after)
+          return state, pos, True
+    finally:
+      bar.close()
+    return state, pos, False
+
+  def log_train(self, acc, pos: _Position, phase: str, state, seconds: float, steps: int):
+    """Fetches the device sums, checks finiteness, writes metrics; returns a fresh accumulator."""
+    host = jax.device_get(acc)
+    if int(host["nonfinite"]) > 0:
+      self.fail_nonfinite("loss or gradient", pos, int(host["first_bad_step"]))
+    n = max(float(host["steps"]), 1.0)
+    count = max(float(host["count"]), 1.0)
+    scalars = {"loss": host["loss"] / n, "nll": host["nll"] / n, "accuracy": host["correct"] / count,
+               "grad_norm": host["grad_norm"] / n, "step_time_s": seconds / max(steps, 1),
+               "epoch_step": pos.step}
+    if phase == PHASE_SEARCH:
+      scalars.update(penalty=host["penalty"] / n, switch_grad_norm=host["switch_grad_norm"] / n,
+                     iteration=pos.iteration)
+    self.writer.write_scalars(pos.global_step, scalars, prefix=f"{phase}/")
+    return self.replicate(new_train_acc())
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Supernet loss/accuracy on the val split (train=False: running batch-norm statistics)."""
+    c = self.config
+    images, labels = self.splits["val"]
+    if int(c.search.max_eval_examples) > 0:
+      images, labels = images[:int(c.search.max_eval_examples)], labels[:int(c.search.max_eval_examples)]
+    fns = self.fns({t: np.asarray(a) for t, a in state["prior"].alive.items()})
+    acc = self.replicate({k: np.zeros((), np.float32) for k in ("nll", "correct", "count")})
+    for batch in input_pipeline.epoch_batches(
+        images, labels, batch_size=int(c.search.eval_batch_size), seed=0, epoch=0,
+        mean=self.dataset.mean, std=self.dataset.std, augment=False, shuffle=False,
+        drop_remainder=False, sharding=self.batch_sharding):
+      acc = fns.eval_step(state, acc, batch)
+    host = jax.device_get(acc)
+    count = max(float(host["count"]), 1.0)
+    return {"val_accuracy": float(host["correct"]) / count, "val_nll": float(host["nll"]) / count}
+
+  def curvature(self, state, pos: _Position):
+    """Mean-loss curvature diagonal over M search batches, times ``bayes.curvature_scale``."""
+    c = self.config
+    alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
+    fns = self.fns(alive)
+    images, labels = self.splits["search"]
+    b = _curvature_batch_size(c)
+    m = int(c.curvature.num_batches)
+    available = input_pipeline.steps_per_epoch(len(labels), b)
+    if available < m:
+      raise ValueError(f"curvature.num_batches={m} batches of {b} need {m * b} search examples, "
+                       f"the split has {len(labels)}")
+    batches = input_pipeline.epoch_batches(
+        images, labels, batch_size=b, seed=_phase_seed(int(c.data.seed), "curvature"),
+        epoch=pos.iteration - 1, mean=self.dataset.mean, std=self.dataset.std, augment=False,
+        sharding=self.batch_sharding)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), pos.iteration)
+    batches = itertools.islice(batches, m)
+    h = curvature_lib.accumulate(fns.curvature_fn, state["switches"], variables, batches, key)
+    scale = _curvature_scale(c)
+    return jax.tree.map(lambda x: x * scale, h)
+
+  def update(self, state, pos: _Position):
+    """Curvature pass + prior update + eval + genotype of iteration ``pos.iteration``."""
+    t = pos.iteration
+    t0 = time.perf_counter()
+    h = self.curvature(state, pos)
+    fns = self.fns({tt: np.asarray(a) for tt, a in state["prior"].alive.items()})
+    prior = fns.prior_update(state["prior"], state["switches"], h)
+    switches = jax.jit(bayes.apply_mask, out_shardings=self.replicated)(state["switches"],
+                                                                       prior.alive)
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
+        (h, prior.gamma, prior.omega, prior.posterior_variance)))
+    if not finite:
+      self.fail_nonfinite("curvature or prior state", pos)
+    state = dict(state, prior=prior, switches=switches)
+    update_s = time.perf_counter() - t0
+    ev = self.evaluate(state)
+    self.val_accuracy = ev["val_accuracy"]
+    summ = {k: float(v) for k, v in jax.device_get(bayes.summaries(prior)).items()}
+    genotype_obj = self.derive(prior)
+    record = {"iteration": t, "global_step": pos.global_step, **ev,
+              "live_groups": int(summ["live_groups"]),
+              "live_switches": int(sum(v for k, v in summ.items() if k.endswith("/live_switches"))),
+              "curvature_and_update_s": update_s,
+              "genotype": _genotype_json(genotype_obj)}
+    nb = self.nb201_accuracy(prior)
+    if nb is not None:
+      record.update(nb)
+    self.history.append(record)
+    self.writer.write_scalars(pos.global_step, summ, log=False, prefix="prior/")
+    self.writer.write_scalars(pos.global_step, {k: v for k, v in record.items()
+                                                if isinstance(v, (int, float))},
+                              prefix="iteration/")
+    self.writer.write_text(pos.global_step, "genotype", str(genotype_obj))
+    logging.info("iteration %d: val accuracy %.4f, %d live groups; prior: %s", t,
+                 ev["val_accuracy"], summ["live_groups"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(summ.items())
+                           if "median" in k or "live" in k))
+    self.write_outputs(os.path.join(self.workdir, "iterations", f"t{t:02d}"), state, genotype_obj)
+    return state
+
+  # ---- genotype / outputs -----------------------------------------------------------------------
+
+  def derive(self, prior):
+    from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
+    alive = {t: np.asarray(a) for t, a in jax.device_get(prior.alive).items()}
+    scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    return genotype_lib.derive(self.space, alive, scores)
+
+  def nb201_accuracy(self, prior) -> dict[str, Any] | None:
+    """NAS-Bench-201 arch string (best alive op per edge) and its table accuracy, if available."""
+    if self.space.name != "nb201":
+      return None
+    from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
+    from bnas_jax import nb201  # pylint: disable=g-import-not-at-top
+    prior = jax.device_get(prior)
+    alive = {t: np.asarray(a) for t, a in prior.alive.items()}
+    scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    arch = genotype_lib.derive_nb201(self.space, scores, alive)
+    out = {"nb201_arch": arch}
+    if self._nb201_table is None and not self._nb201_warned:
+      try:
+        self._nb201_table = nb201.load_table(self.config.nb201.table, self.config.nb201.dataset)
+      except (FileNotFoundError, ValueError) as e:
+        logging.warning("NAS-Bench-201 table unavailable, searching without look-ups: %s", e)
+        self._nb201_warned = True
+    if self._nb201_table is not None:
+      try:
+        out["nb201_accuracy"] = self._nb201_table.accuracy(arch)
+        logging.info("NAS-Bench-201 %s accuracy of %s: %.2f%%", self._nb201_table.dataset, arch,
+                     out["nb201_accuracy"])
+      except KeyError as e:
+        logging.warning("%s", e)
+    return out
+
+  def write_outputs(self, folder: str, state, genotype_obj) -> None:
+    """genotype.json, cell pictures, DARTS/NB201 exports and prior.npz into `folder`."""
+    if not self.is_main:
+      return
+    from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
+    os.makedirs(folder, exist_ok=True)
+    genotype_obj.save(os.path.join(folder, "genotype.json"))
+    genotype_lib.plot(genotype_obj, os.path.join(folder, "genotype"))
+    prior = jax.device_get(state["prior"])
+    alive = {t: np.asarray(a) for t, a in prior.alive.items()}
+    scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    if self.space.name == "darts":
+      # DARTS-style export: top-2 input edges per node, one op each (genotype.derive_darts).
+      darts_cell = genotype_lib.derive_darts(self.space, scores, alive)
+      darts_cell.save(os.path.join(folder, "genotype_darts.json"))
+      with open(os.path.join(folder, "genotype_darts.txt"), "w") as f:
+        f.write(repr(genotype_lib.to_darts(darts_cell)) + "\n")
+      genotype_lib.plot(darts_cell, os.path.join(folder, "genotype_darts"))
+    if self.space.name == "nb201":
+      with open(os.path.join(folder, "nb201_arch.txt"), "w") as f:
+        f.write(genotype_lib.derive_nb201(self.space, scores, alive) + "\n")
+    arrays = {}
+    for field in ("gamma", "omega", "posterior_variance", "curvature", "alive"):
+      for t, v in getattr(prior, field).items():
+        arrays[f"{field}/{t}"] = np.asarray(v)
+    for t, v in jax.device_get(state["switches"]).items():
+      arrays[f"switches/{t}"] = np.asarray(v)
+    np.savez(os.path.join(folder, "prior.npz"), **arrays)
+
+  # ---- main loop --------------------------------------------------------------------------------
+
+  def restore_or_init(self):
+    latest = self.ckpt.latest_index()
+    if latest is None:
+      logging.info("starting a new search in %s", self.workdir)
+      return self.fresh_state(), _Position()
+    state, meta = self.ckpt.restore(self.abstract_state(), latest)
+    self.save_index = latest
+    self.last_good = (latest, meta["position"]["global_step"])
+    self.history = list(meta.get("history", []))
+    self.val_accuracy = meta.get("val_accuracy")
+    pos = _Position(**meta["position"])
+    logging.info("resumed checkpoint #%d of %s at %s", latest, self.workdir, pos)
+    return state, pos
+
+  def run(self) -> SearchResult:
+    c = self.config
+    state, pos = self.restore_or_init()
+    T = int(c.search.iterations)
+    while pos.phase != PHASE_DONE:
+      if pos.phase == PHASE_WARMUP and pos.epoch >= int(c.search.warmup_epochs):
+        pos = _Position(PHASE_SEARCH if T > 0 else PHASE_DONE, 1, 0, 0, pos.global_step)
+        if pos.phase == PHASE_DONE:
+          break
+      if pos.phase in (PHASE_WARMUP, PHASE_SEARCH):
+        phase = pos.phase
+        state, pos, interrupted = self.run_epoch(state, pos, phase)
+        if interrupted:
+          self.ckpt.wait()
+          return self.result(state, completed=False, global_step=pos.global_step)
+        if phase == PHASE_WARMUP:
+          ev = self.evaluate(state)
+          self.val_accuracy = ev["val_accuracy"]
+          self.writer.write_scalars(pos.global_step, ev, prefix="warmup/")
+          pos = _Position(PHASE_WARMUP, 0, pos.epoch + 1, 0, pos.global_step)
+        else:
+          pos = _Position(PHASE_UPDATE, pos.iteration, 0, 0, pos.global_step)
+        self.save(state, pos)
+      elif pos.phase == PHASE_UPDATE:
+        state = self.update(state, pos)
+        t = pos.iteration
+        pos = (_Position(PHASE_SEARCH, t + 1, 0, 0, pos.global_step) if t < T
+               else _Position(PHASE_DONE, t, 0, 0, pos.global_step))
+        self.save(state, pos)
+      else:
+        raise ValueError(f"checkpoint holds an unknown phase {pos.phase!r}")
+    self.ckpt.wait()
+    result = self.result(state, completed=True, global_step=pos.global_step)
+    return result
+
+  def result(self, state, *, completed: bool, global_step: int) -> SearchResult:
+    prior = jax.device_get(state["prior"])
+    gamma = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(state["prior"])).items()}
+    alive = {t: np.asarray(a) for t, a in prior.alive.items()}
+    genotype_obj = None
+    if completed:
+      genotype_obj = self.derive(state["prior"])
+      self.write_outputs(self.workdir, state, genotype_obj)
+      if self.is_main:
+        summary = {"completed": True, "global_step": global_step,
+                   "val_accuracy": self.val_accuracy, "history": self.history,
+                   "genotype": _genotype_json(genotype_obj)}
+        nb = self.nb201_accuracy(state["prior"])
+        if nb is not None:
+          summary.update(nb)
+        with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+          json.dump(summary, f, indent=2, default=_json_default)
+      logging.info("search finished: genotype %s, val accuracy %s", genotype_obj, self.val_accuracy)
+    return SearchResult(completed=completed, genotype=genotype_obj, gamma=gamma, alive=alive,
+                        val_accuracy=self.val_accuracy, history=list(self.history),
+                        global_step=global_step)
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
+
+
+def _init_key(seed: int) -> jax.Array:
+  """The key of `init_state`. RBG keys: the initialisers compile in seconds, whereas threefry's
+  unrolled bit generator makes XLA:CPU spend minutes on a supernet's ~100 initialisers. The stored
+  ``rng`` (curvature keys) is the threefry key data of the same seed."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def _phase_seed(data_seed: int, stream: str) -> int:
+  """A fixed per-stream data seed (warm-up, search, curvature batches are independent streams)."""
+  return int(data_seed) * 1000 + {"warmup": 1, "search": 2, "curvature": 3}[stream]
+
+
+def _genotype_json(genotype_obj) -> Any:
+  return genotype_obj.to_dict()
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _write_seeds(config, workdir: str) -> None:
+  seeds = {"seed": int(config.seed), "data_seed": int(config.data.seed),
+           "streams": {s: _phase_seed(int(config.data.seed), s)
+                       for s in ("warmup", "search", "curvature")},
+           "jax_version": jax.__version__}
+  with open(os.path.join(workdir, "seeds.json"), "w") as f:
+    json.dump(seeds, f, indent=2)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
+  """Runs (or resumes) a BayesNAS search described by `config` in `workdir`.
+
+  Args:
+    config: a search config (`default_config` fields; see ``experiments/*.py``).
+    workdir: the run directory. If it holds checkpoints the run resumes from the latest.
+
+  Returns:
+    a `SearchResult`.
+
+  Raises:
+    NonFiniteError: a non-finite loss/gradient/prior state (the last good checkpoint is kept).
+    ValueError: a bad config value (named), e.g. a batch size not divisible by the device count.
+  """
+  _check_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  metrics_lib.quiet_library_logs()
+  log_file = metrics_lib.LogFile(workdir) if is_main else contextlib.nullcontext()
+  with log_file:
+    if is_main:
+      _write_config(config, workdir)
+      _write_seeds(config, workdir)
+    logging.info("search space %s, %d devices (%s), workdir %s", config.space, jax.device_count(),
+                 jax.default_backend(), workdir)
+    runner = _Runner(config, workdir)
+    try:
+      return runner.run()
+    finally:
+      runner.close()
