@@ -754,14 +754,16 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
     ``{'image': f32[B, 32, 32, 3], 'label': i32[B]}`` (+ ``'mask'``), placed per ``sharding``.
 
   Raises:
-    DatasetError: mismatched inputs, a batch size not divisible by the device count, or a
-      ``start_step`` outside the epoch.
+    DatasetError: mismatched inputs, a batch size not divisible by the device count, a seed or
+      epoch outside [0, 2**31), or a ``start_step`` outside the epoch.
   """
   n = len(labels)
   if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8 or len(images) != n:
     raise DatasetError(f'epoch_batches expects u8[N, 32, 32, 3] images and N labels, got '
                        f'{images.dtype}{list(images.shape)} and {len(labels)} labels.')
   steps = steps_per_epoch(n, batch_size, drop_remainder)
+  if not (0 <= seed < 2**31 and 0 <= epoch < 2**31):
+    raise DatasetError(f'seed={seed} and epoch={epoch} must lie in [0, 2**31).')
   if not 0 <= start_step <= steps:
     raise DatasetError(f'start_step={start_step} outside [0, {steps}] (steps in this epoch).')
   rows = slice(0, batch_size)
