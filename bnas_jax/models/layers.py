@@ -75,7 +75,8 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0
     x: f32[B, H, W, C].
     kernel: f32[k, k, C] (one k x k filter per channel).
     stride, padding, dilation: as in PyTorch (symmetric zero padding).
-    impl: ``'shift'`` (sum of k*k shifted slices times per-channel weights; fast on CPU) or
+    impl: ``'shift'`` (sum of k*k shifted slices times per-channel weights; fastest step on CPU),
+      ``'scan'`` (the same as a `lax.scan` over the taps: smaller graph, faster compile) or
       ``'lax'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``; the reference).
 
   Returns:
@@ -93,13 +94,36 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0
         x, kernel[:, :, None, :], (stride, stride), [(padding, padding)] * 2,
         rhs_dilation=(dilation, dilation), dimension_numbers=_DN,
         feature_group_count=x.shape[-1])
+  if impl == "scan":
+    return _depthwise_scan(x, kernel, stride, padding, dilation)
   if impl != "shift":
-    raise ValueError(f"unknown depthwise impl {impl!r}; use 'shift' or 'lax'")
+    raise ValueError(f"unknown depthwise impl {impl!r}; use 'shift', 'scan' or 'lax'")
   out = None
   for (i, j), sl in _window_slices(x, k, stride, padding, dilation):
     term = sl * kernel[i, j]
     out = term if out is None else out + term
   return out
+
+
+def _depthwise_scan(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
+  """Shift-and-multiply as a `lax.scan` over the k*k taps (one compiled loop body)."""
+  k = kernel.shape[0]
+  b, h, w, c = x.shape
+  ho = out_size(h, k, stride, padding, dilation)
+  wo = out_size(w, k, stride, padding, dilation)
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
+
+  def body(acc, tap):
+    off, wt = tap
+    sl = lax.dynamic_slice(xp, (0, off[0], off[1], 0),
+                           (b, stride * (ho - 1) + 1, stride * (wo - 1) + 1, c))
+    if stride > 1:
+      sl = sl[:, ::stride, ::stride, :]
+    return acc + sl * wt, None
+
+  acc, _ = lax.scan(body, jnp.zeros((b, ho, wo, c), x.dtype), (taps, kernel.reshape(k * k, c)))
+  return acc
 
 
 def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
@@ -158,11 +182,11 @@ def grouped_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
     raise ValueError(f"grouped conv kernel {kernel.shape} does not fit input {x.shape}")
   if g == 1:
     return conv(x, kernel[0], stride=stride, padding=padding, dilation=dilation)
-  # One convolution with feature_group_count=G and a [k, k, Ci, G*Co] kernel.
-  rhs = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(k, k, ci, g * co)
-  return lax.conv_general_dilated(x, rhs, (stride, stride), [(padding, padding)] * 2,
-                                  rhs_dilation=(dilation, dilation), dimension_numbers=_DN,
-                                  feature_group_count=g)
+  # XLA:CPU runs feature_group_count convolutions through a slow path (a G = 7, C = 8 dilated 5x5
+  # took 15 s against 0.3 s as G dense convolutions), so the groups are separate convolutions.
+  return jnp.concatenate(
+      [conv(x[..., i * ci:(i + 1) * ci], kernel[i], stride=stride, padding=padding,
+            dilation=dilation) for i in range(g)], axis=-1)
 
 
 def max_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,

@@ -111,6 +111,12 @@ class BatchNorm(_Grouped):
     return y
 
 
+def _init_shortcut(fn, *args) -> Array:
+  """During ``init`` only shapes matter: zeros of fn's output shape keep the init graph tiny."""
+  out = jax.eval_shape(fn, *args)
+  return jnp.zeros(out.shape, out.dtype)
+
+
 def _take(a: Array, idx) -> Array:
   return a if idx is None else a[idx]
 
@@ -127,7 +133,8 @@ class PointwiseConv(_Grouped):
   def __call__(self, x: Array) -> Array:
     ci = self._split_channels(x)
     k = self._gparam("kernel", layers.torch_uniform(ci), (ci, self.features))
-    y = layers.grouped_pointwise(x, k, stride=self.stride)
+    fn = lambda a, b: layers.grouped_pointwise(a, b, stride=self.stride)
+    y = _init_shortcut(fn, x, k) if self.is_initializing() else fn(x, k)
     if self.use_bias:
       y = y + self._gparam("bias", layers.torch_uniform(ci), (self.features,)).reshape(-1)
     return y
@@ -152,8 +159,9 @@ class Conv(_Grouped):
     ci = self._split_channels(x)
     k = self.kernel_size
     w = self._gparam("kernel", layers.torch_uniform(ci * k * k), (k, k, ci, self.features))
-    y = layers.grouped_conv(x, w, stride=self.stride, padding=self.padding,
-                            dilation=self.dilation)
+    fn = lambda a, b: layers.grouped_conv(a, b, stride=self.stride, padding=self.padding,
+                                          dilation=self.dilation)
+    y = _init_shortcut(fn, x, w) if self.is_initializing() else fn(x, w)
     if self.use_bias:
       y = y + self._gparam("bias", layers.torch_uniform(ci * k * k), (self.features,)).reshape(-1)
     return y
@@ -163,7 +171,7 @@ class DepthwiseConv(_Grouped):
   """Grouped depthwise k x k convolution (``groups=C``, no bias); kernel ``[groups, k, k, C]``.
 
   Attributes:
-    impl: ``'shift'`` (fast on CPU) or ``'lax'`` (``feature_group_count`` reference), see
+    impl: ``'shift'`` (fast on CPU), ``'scan'`` or ``'lax'`` (``feature_group_count``), see
       `bnas_jax.models.layers.depthwise_conv`.
   """
   kernel_size: int
@@ -180,8 +188,9 @@ class DepthwiseConv(_Grouped):
     k = self.kernel_size
     w = self._gparam("kernel", layers.torch_uniform(k * k), (k, k, c))
     w = jnp.transpose(w, (1, 2, 0, 3)).reshape(k, k, -1)
-    return layers.depthwise_conv(x, w, stride=self.stride, padding=self.padding,
-                                 dilation=self.dilation, impl=self.impl)
+    fn = lambda a, b: layers.depthwise_conv(a, b, stride=self.stride, padding=self.padding,
+                                            dilation=self.dilation, impl=self.impl)
+    return _init_shortcut(fn, x, w) if self.is_initializing() else fn(x, w)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,14 +493,16 @@ def _bayes_dil(k):
 def _darts_skip(channels, stride, affine=True, **kw):
   kw.pop("dw_impl", None)
   if stride == 1:
-    return Identity()
+    kw.pop("groups", None), kw.pop("select", None)
+    return Identity(**kw)
   return FactorizedReduce(channels, affine, "darts", False, **_grouping(kw), **kw)
 
 
 def _nb201_skip(channels, stride, affine=True, **kw):
   kw.pop("dw_impl", None)
   if stride == 1 and kw.pop("c_in", channels) == channels:
-    return Identity()
+    kw.pop("groups", None), kw.pop("select", None)
+    return Identity(**kw)
   return FactorizedReduce(channels, affine, "nb201", not affine, **_grouping(kw), **kw)
 
 
@@ -508,16 +519,16 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
         "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **_grouping(kw), **kw),
         "dil3": _bayes_dil(3),
         "dil5": _bayes_dil(5),
-        "max": _no_params(lambda s: Pool("max", s, zero_pad_max=True)),
-        "avg": _no_params(lambda s: Pool("avg", s, count_include_pad=True)),
+        "max": _no_params(lambda s, **kw: Pool("max", s, zero_pad_max=True, **kw)),
+        "avg": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=True, **kw)),
         "ident": _bayes_ident,
         # stride 2 = with the 1x1 stride-2 conv on the input (spec 2.3).
         "creduct": lambda c, s, **kw: CReduct(c, reduce_input=(s == 2)),
     },
     "darts": {
-        "none": _no_params(lambda s: Zero(s)),
-        "avg_pool_3x3": _no_params(lambda s: Pool("avg", s, count_include_pad=False)),
-        "max_pool_3x3": _no_params(lambda s: Pool("max", s)),
+        "none": _no_params(lambda s, **kw: Zero(s, **kw)),
+        "avg_pool_3x3": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=False, **kw)),
+        "max_pool_3x3": _no_params(lambda s, **kw: Pool("max", s, **kw)),
         "skip_connect": _darts_skip,
         "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine,
                                                                  **_grouping(kw), **kw),
@@ -534,11 +545,11 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
             c, affine, "darts", False, **_grouping(kw), **kw),
     },
     "nb201": {
-        "none": _no_params(lambda s: Zero(s)),
+        "none": _no_params(lambda s, **kw: Zero(s, **kw)),
         "skip_connect": _nb201_skip,
         "nor_conv_1x1": _nb201_conv(1),
         "nor_conv_3x3": _nb201_conv(3),
-        "avg_pool_3x3": _no_params(lambda s: Pool("avg", s, count_include_pad=False)),
+        "avg_pool_3x3": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=False, **kw)),
         "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
             c, kernel_size, s, padding, affine, not affine, **_grouping(kw), **kw),
         "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(

@@ -1,0 +1,232 @@
+"""Tests of the candidate ops (bnas_jax.search_space.ops) and conv primitives (bnas_jax.models.layers)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from bnas_jax.models import layers
+from bnas_jax.search_space import ops as ops_lib
+from bnas_jax.search_space import spaces
+
+C = 8
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _x(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes and parameter counts.
+
+_SPACE_OPS = {f: [n for n in ops_lib.OPS[f]] for f in ops_lib.OPS}
+
+
+@pytest.mark.parametrize("family,name", [(f, n) for f in _SPACE_OPS for n in _SPACE_OPS[f]])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_op_output_shape(family, name, stride):
+  x = jnp.zeros((2, 16, 16, C))
+  m = ops_lib.get_op(family, name, C, stride)
+
+  def run():
+    v = m.init(jax.random.key(0), x, train=True)
+    return m.apply(v, x, train=True, mutable=["batch_stats"])[0]
+
+  y = jax.eval_shape(run)
+  always_reduces = name in ("factorized_reduce",)
+  s = 2 if always_reduces else stride
+  assert y.shape == (2, 16 // s, 16 // s, C)
+
+
+def test_every_space_op_is_registered():
+  for name in ("bayesnas", "darts", "nb201"):
+    sp = spaces.get_space(name)
+    assert set(sp.ops) <= set(ops_lib.OPS[sp.family])
+  assert "none" in ops_lib.OPS["darts"] and "none" in ops_lib.OPS["nb201"]
+
+
+def _n_params(family, name, c, stride, c_in=None, **kw):
+  x = jnp.zeros((2, 8, 8, c_in or c))
+  m = ops_lib.get_op(family, name, c, stride, **kw)
+  v = jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=True))
+  return _count(v.get("params", {}))
+
+
+@pytest.mark.parametrize("c", [8, 36])
+def test_param_counts_closed_form(c):
+  """conv = out * in/groups * k * k (no bias), BN = 2C (affine) (DARTS / AutoDL / spec 2.1)."""
+  k2 = {3: 9, 5: 25}
+  for k in (3, 5):
+    # BayesNAS: twice [BN(2C) + dw k*k*C + 1x1 C^2]; dil: BN + full k*k*C^2 + 1x1 C^2.
+    assert _n_params("bayesnas", f"sep{k}", c, 1) == 2 * (2 * c + k2[k] * c + c * c)
+    assert _n_params("bayesnas", f"dil{k}", c, 2) == 2 * c + k2[k] * c * c + c * c
+    # DARTS: SepConv twice [dw + 1x1 + BN]; DilConv dw + 1x1 + BN.
+    assert _n_params("darts", f"sep_conv_{k}x{k}", c, 1) == 2 * (k2[k] * c + c * c + 2 * c)
+    assert _n_params("darts", f"dil_conv_{k}x{k}", c, 1) == k2[k] * c + c * c + 2 * c
+    assert _n_params("darts", f"sep_conv_{k}x{k}", c, 1, affine=False) == 2 * (k2[k] * c + c * c)
+  assert _n_params("bayesnas", "ident", c, 1) == 0
+  assert _n_params("bayesnas", "ident", c, 2) == 2 * c + c * c
+  assert _n_params("bayesnas", "creduct", c, 1, c_in=3 * c) == 2 * 3 * c + 3 * c * c
+  assert _n_params("bayesnas", "creduct", c, 2, c_in=2 * c) == 4 * c * c + 2 * 2 * c + 2 * c * c
+  assert _n_params("darts", "skip_connect", c, 2) == c * c + 2 * c  # two C x C/2 convs + BN
+  assert _n_params("darts", "skip_connect", c, 2, affine=False) == c * c
+  # AutoDL: ReLUConvBN has a conv bias iff affine=False.
+  assert _n_params("nb201", "nor_conv_3x3", c, 1) == 9 * c * c + 2 * c
+  assert _n_params("nb201", "nor_conv_3x3", c, 1, affine=False) == 9 * c * c + c
+  assert _n_params("nb201", "nor_conv_1x1", c, 1) == c * c + 2 * c
+  # ResNet basic block C -> 2C, stride 2: two ReLUConvBN 3x3 + 1x1 downsample conv (no bias).
+  assert _n_params("nb201", "resnet_basic_block", 2 * c, 2, c_in=c) == (
+      9 * c * 2 * c + 2 * 2 * c + 9 * 4 * c * c + 2 * 2 * c + c * 2 * c)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast primitives against lax / numpy references.
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_shift_depthwise_equals_lax_conv(k, stride, dilation):
+  x = _x((2, 11, 12, 5))
+  w = _x((k, k, 5), seed=1)
+  pad = dilation * (k - 1) // 2
+  ref = lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), [(pad, pad)] * 2,
+                                 rhs_dilation=(dilation, dilation),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=5)
+  fast = layers.depthwise_conv(x, w, stride=stride, padding=pad, dilation=dilation)
+  np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
+  # Gradients (the backward pass is a different computation) agree as well.
+  ct = _x(ref.shape, seed=2)
+  g_fast = jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
+      a, b, stride=stride, padding=pad, dilation=dilation)), argnums=(0, 1))(x, w)
+  g_ref = jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
+      a, b, stride=stride, padding=pad, dilation=dilation, impl="lax")), argnums=(0, 1))(x, w)
+  for a, b in zip(g_fast, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_and_pointwise_equal_per_group_lax():
+  x = _x((2, 9, 9, 3 * 4))
+  wk = _x((3, 3, 3, 4, 6), seed=1)
+  got = layers.grouped_conv(x, wk, stride=2, padding=2, dilation=2)
+  wp = _x((3, 4, 6), seed=2)
+  got_p = layers.grouped_pointwise(x, wp, stride=2)
+  for g in range(3):
+    xg = x[..., 4 * g:4 * (g + 1)]
+    ref = lax.conv_general_dilated(xg, wk[g], (2, 2), [(2, 2)] * 2, rhs_dilation=(2, 2),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(got[..., 6 * g:6 * (g + 1)], ref, rtol=1e-5, atol=1e-5)
+    ref_p = lax.conv_general_dilated(xg, wp[g][None, None], (2, 2), [(0, 0)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(got_p[..., 6 * g:6 * (g + 1)], ref_p, rtol=1e-5, atol=1e-5)
+
+
+def _np_pool(x, stride, kind, pad_value, count_include_pad):
+  b, h, w, c = x.shape
+  xp = np.full((b, h + 2, w + 2, c), pad_value, np.float64)
+  xp[:, 1:-1, 1:-1] = x
+  valid = np.zeros((h + 2, w + 2))
+  valid[1:-1, 1:-1] = 1
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+  out = np.zeros((b, ho, wo, c))
+  for i in range(ho):
+    for j in range(wo):
+      win = xp[:, i * stride:i * stride + 3, j * stride:j * stride + 3]
+      if kind == "max":
+        out[:, i, j] = win.max(axis=(1, 2))
+      else:
+        n = 9 if count_include_pad else valid[i * stride:i * stride + 3,
+                                              j * stride:j * stride + 3].sum()
+        out[:, i, j] = np.where(np.isfinite(win), win, 0).sum(axis=(1, 2)) / n
+  return out
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pool_semantics_match_numpy(stride):
+  x = np.asarray(_x((2, 7, 6, 3))) - 1.0  # mostly negative: zero padding changes max pool output
+  cases = [("bayesnas", "max", "max", 0.0, True), ("bayesnas", "avg", "avg", 0.0, True),
+           ("darts", "max_pool_3x3", "max", -np.inf, True),
+           ("darts", "avg_pool_3x3", "avg", 0.0, False),
+           ("nb201", "avg_pool_3x3", "avg", 0.0, False)]
+  for family, name, kind, pad_value, cip in cases:
+    m = ops_lib.get_op(family, name, 3, stride)
+    y = m.apply({}, jnp.asarray(x), train=True)
+    np.testing.assert_allclose(y, _np_pool(x, stride, kind, pad_value, cip), rtol=1e-5,
+                               atol=1e-6, err_msg=f"{family}/{name}")
+
+
+def test_batchnorm_matches_flax_and_pytorch_running_update():
+  x = _x((4, 5, 5, 6)) * 3 + 1
+  bn = ops_lib.BatchNorm(True)
+  v = bn.init(jax.random.key(0), x, train=True)
+  params = {"scale": _x((1, 6), 1) + 1, "bias": _x((1, 6), 2)}
+  y, st = bn.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                   mutable=["batch_stats"])
+  ref = nn.BatchNorm(use_running_average=False, epsilon=1e-5)
+  rv = ref.init(jax.random.key(0), x)
+  y_ref = ref.apply({"params": {"scale": params["scale"][0], "bias": params["bias"][0]},
+                     "batch_stats": rv["batch_stats"]}, x, mutable=["batch_stats"])[0]
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  xn = np.asarray(x, np.float64).reshape(-1, 6)
+  np.testing.assert_allclose(st["batch_stats"]["mean"][0], 0.1 * xn.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(st["batch_stats"]["var"][0], 0.9 + 0.1 * xn.var(0, ddof=1),
+                             rtol=1e-5)
+  # Eval mode uses the running statistics.
+  y_eval = bn.apply({"params": params, "batch_stats": st["batch_stats"]}, x, train=False)
+  m, var = st["batch_stats"]["mean"][0], st["batch_stats"]["var"][0]
+  np.testing.assert_allclose(y_eval, (x - m) / np.sqrt(var + 1e-5) * params["scale"][0]
+                             + params["bias"][0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped form == independent single ops with the corresponding parameter slices.
+
+
+def _slice_tree(tree, g):
+  return jax.tree_util.tree_map(lambda a: a[g:g + 1], tree)
+
+
+@pytest.mark.parametrize("family,name,stride", [
+    ("bayesnas", "sep5", 2), ("bayesnas", "dil3", 1), ("bayesnas", "ident", 2),
+    ("darts", "sep_conv_3x3", 2), ("darts", "dil_conv_5x5", 1), ("darts", "skip_connect", 2),
+    ("nb201", "nor_conv_3x3", 1)])
+def test_grouped_op_equals_single_ops(family, name, stride):
+  groups, select, c = 4, (0, 2, 3), 4
+  x = _x((3, 8, 8, len(select) * c))
+  # Depthwise impl 'lax' keeps this eager test fast ('shift' == 'lax' is tested above).
+  kw = {"dw_impl": "lax"}
+  grouped = ops_lib.get_op(family, name, c, stride, groups=groups, select=select, **kw)
+  full = ops_lib.get_op(family, name, c, stride, groups=groups, **kw)
+  v = full.init(jax.random.key(3), jnp.zeros((3, 8, 8, groups * c)), train=True)
+  y, st = grouped.apply(v, x, train=True, mutable=["batch_stats"])
+  single = ops_lib.get_op(family, name, c, stride, **kw)
+  for j, g in enumerate(select):
+    vg = jax.tree_util.tree_map(lambda a: a[g:g + 1], v)
+    yg, stg = single.apply(vg, x[..., j * c:(j + 1) * c], train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y[..., j * c:(j + 1) * c], yg, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(_slice_tree(st, g)),
+                    jax.tree_util.tree_leaves(stg)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Unselected groups keep their running statistics.
+  for a, b in zip(jax.tree_util.tree_leaves(_slice_tree(st, 1)),
+                  jax.tree_util.tree_leaves(_slice_tree(v["batch_stats"], 1))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="unknown op"):
+    ops_lib.get_op("darts", "sep3", 8, 1)
+  with pytest.raises(ValueError, match="unknown op family"):
+    ops_lib.get_op("nasnet", "sep3", 8, 1)
+  with pytest.raises(ValueError, match="depthwise kernel"):
+    layers.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 4)))
+  with pytest.raises(ValueError, match="even channel"):
+    m = ops_lib.get_op("darts", "factorized_reduce", 5, 2)
+    m.init(jax.random.key(0), jnp.zeros((1, 4, 4, 5)), train=True)

@@ -1,0 +1,138 @@
+"""Tests of the supernet (bnas_jax.models.supernet): counts, switch semantics, pruning, per-example switches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnas_jax.models import supernet as sn
+from bnas_jax.search_space import spaces
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _abstract_params(space, c, n):
+  model = sn.create_supernet(space, c, n, 10)
+  sw = sn.init_switches(space, n)
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), sw,
+                                        train=True))
+  return v, sw
+
+
+def _bayesnas_closed_form(c0, n, classes=10):
+  """Independent count from spec 2.1-2.4: conv = out*in/groups*k*k, BN = 2C, Linear with bias."""
+  def edge(c, stride):
+    sep = lambda k: 2 * (2 * c + k * k * c + c * c)
+    dil = lambda k: 2 * c + k * k * c * c + c * c
+    return sep(3) + sep(5) + dil(3) + dil(5) + (2 * c + c * c if stride == 2 else 0)
+
+  def creduct(ci, co, strided):
+    return (ci * ci if strided else 0) + 2 * ci + ci * co
+
+  total, cpp, cp, c, red_prev = 27 * 3 * c0, 3 * c0, 3 * c0, c0, False
+  for i in range(n):
+    red = i in (n // 3, 2 * n // 3)
+    c = 2 * c if red else c
+    total += creduct(cpp, c, red_prev) + creduct(cp, c, False)
+    total += 5 * edge(c, 2) + 3 * edge(c, 1) if red else 8 * edge(c, 1)
+    cpp, cp, red_prev = cp, 4 * c, red
+  return total + 2 * cp + cp * classes + classes
+
+
+def test_official_bayesnas_counts():
+  v, sw = _abstract_params("bayesnas", 36, 8)
+  assert {t: s.shape for t, s in sw.items()} == {"normal": (6, 8, 8), "reduce": (2, 8, 8)}
+  assert _count(sw) == 512  # spec 2.2: (6 + 2) cells x 8 edges x 8 switches
+  # Anchor: the official PyTorch search supernet has 26,910,838 weights (reference_numbers.md).
+  assert _count(v["params"]) == 26_910_838 == _bayesnas_closed_form(36, 8)
+  v8, _ = _abstract_params("bayesnas", 8, 8)
+  assert _count(v8["params"]) == _bayesnas_closed_form(8, 8) == 1_412_162  # "1.41 M"
+
+
+def test_cell_plan_and_switch_shapes():
+  chans = [s.channels for s in sn.cell_plan("bayesnas", 36, 8)]
+  assert chans == [36, 36, 72, 72, 72, 144, 144, 144]
+  assert [s.cell_type for s in sn.cell_plan("bayesnas", 36, 8)] == [
+      "normal", "normal", "reduce", "normal", "normal", "reduce", "normal", "normal"]
+  assert sn.cell_counts("darts", 8) == {"normal": 6, "reduce": 2}
+  assert sn.cell_counts("nb201", 5) == {"normal": 15}
+  assert sn.init_switches("darts", 5)["reduce"].shape == (2, 14, 8)
+  assert sn.init_switches("nb201", 2)["normal"].shape == (6, 6, 5)
+
+
+@pytest.mark.parametrize("space,n", [("darts", 3), ("nb201", 1)])
+def test_other_spaces_shapes(space, n):
+  model = sn.create_supernet(space, 4, n, 7)
+  sw = sn.init_switches(space, n)
+  x = jnp.zeros((2, 16, 16, 3))
+
+  def run():
+    v = model.init(jax.random.key(0), x, sw, train=True)
+    return model.apply(v, x, sw, train=True, mutable=["batch_stats"])[0]
+
+  assert jax.eval_shape(run).shape == (2, 7)
+
+
+def test_bad_switches_raise():
+  model = sn.create_supernet("bayesnas", 4, 3, 10)
+  sw = sn.init_switches("bayesnas", 3)
+  bad = {"normal": sw["normal"], "reduce": jnp.ones((2, 8, 7))}
+  with pytest.raises(ValueError, match="switches\\['reduce'\\]"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), bad, train=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerical switch semantics on a tiny bayesnas supernet (N, R, R cells, C = 4, 8 x 8 images).
+
+N_CELLS, C0, B = 3, 4, 4
+DROP_OP = {"normal": (0, 1 + 2), "reduce": (6, 1 + 0)}  # (edge, switch index) of one op
+DROP_EDGE = {"normal": 7, "reduce": 3}  # edge whose origin is pruned (edges from node 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  sp = spaces.get_space("bayesnas")
+  # 'lax' depthwise compiles fastest; 'shift' == 'lax' is tested in test_ops.py.
+  model = sn.create_supernet(sp, C0, N_CELLS, 10, dw_impl="lax")
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(B, 8, 8, 3)), jnp.float32)
+  sw = {t: jnp.asarray(rng.uniform(0.5, 1.5, size=s.shape), jnp.float32)
+        for t, s in sn.init_switches(sp, N_CELLS).items()}
+  variables = sn.init_variables(model, jax.random.key(1), images, sw)
+  fwd = jax.jit(lambda v, s, x: model.apply(v, x, s, train=True, mutable=["batch_stats"])[0])
+  return sp, model, images, sw, variables, fwd
+
+
+def test_zero_switch_equals_pruned_supernet(tiny):
+  sp, _, images, sw, variables, fwd = tiny
+  mask = spaces.full_mask(sp)
+  zeroed = dict(sw)
+  for t in sw:
+    e, k = DROP_OP[t]
+    mask[t][e, k] = False
+    zeroed[t] = zeroed[t].at[:, e, k].set(0.0)
+    mask[t][DROP_EDGE[t], 0] = False
+    zeroed[t] = zeroed[t].at[:, DROP_EDGE[t], 0].set(0.0)
+  pruned = sn.create_supernet(sp, C0, N_CELLS, 10, alive=spaces.freeze_mask(mask), dw_impl="lax")
+  # The pruned net reads the same variables (its parameter tree does not depend on `alive`).
+  out_pruned = jax.jit(lambda v, s, x: pruned.apply(v, x, s, train=True,
+                                                    mutable=["batch_stats"])[0])(
+                                                        variables, sw, images)
+  out_zeroed = fwd(variables, zeroed, images)
+  out_full = fwd(variables, sw, images)
+  np.testing.assert_allclose(out_zeroed, out_pruned, rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(out_full - out_zeroed)) > 1e-4  # the dropped op and edge did matter
+  # Zeroing the origin switch of an edge == zeroing all of that edge's op switches.
+  all_ops = {t: s.at[:, DROP_EDGE[t], 1:].set(0.0) for t, s in sw.items()}
+  origin = {t: s.at[:, DROP_EDGE[t], 0].set(0.0) for t, s in sw.items()}
+  np.testing.assert_allclose(fwd(variables, origin, images), fwd(variables, all_ops, images),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_switches_equal_shared(tiny):
+  _, _, images, sw, variables, fwd = tiny
+  per_ex = {t: jnp.broadcast_to(s, (B, *s.shape)) for t, s in sw.items()}
+  np.testing.assert_allclose(fwd(variables, per_ex, images), fwd(variables, sw, images),
+                             rtol=1e-5, atol=1e-6)
