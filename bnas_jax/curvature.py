@@ -196,7 +196,9 @@ def hessian(apply_fn: ApplyFn, switches: PyTree, variables: PyTree, batch: Batch
     key: unused (deterministic).
     loss: a key of `LOSSES`.
     method: ``'hvp'``: P Hessian-vector products (``jvp`` of ``grad`` at one linearisation point),
-      `chunk_size` at a time; ``'full'``: ``jax.hessian`` of the flat loss, then its diagonal (the full
+      `chunk_size` at a time; ``'forward'``: P second directional derivatives
+      ``d^2/dt^2 L(s + t e_i)`` (``jvp`` of ``jvp``, forward-over-forward: no backward pass);
+      ``'full'``: ``jax.hessian`` of the flat loss, then its diagonal (the full
       P x P matrix and all P tangents at once: tiny problems only).
     chunk_size: basis vectors per vectorised HVP call (memory ~ chunk_size x one backward pass).
     clamp: if True return ``max(h, 0)``. The exact Hessian diagonal can be negative; the prior update
@@ -214,12 +216,18 @@ def hessian(apply_fn: ApplyFn, switches: PyTree, variables: PyTree, batch: Batch
   obj = lambda s: mean_loss(apply_fn, unravel(s), variables, batch, loss)
   if method == "full":
     diag = jnp.diagonal(jax.hessian(obj)(flat))
+  elif method == "forward":
+    def second_derivative(u):
+      first = lambda t: jax.jvp(obj, (t,), (u,))[1]
+      return jax.jvp(first, (flat,), (u,))[1]
+    basis = jnp.eye(flat.size, dtype=flat.dtype)
+    diag = _chunked_map(second_derivative, basis, chunk_size)
   elif method == "hvp":
     _, hvp = jax.linearize(jax.grad(obj), flat)
     basis = jnp.eye(flat.size, dtype=flat.dtype)
     diag = _chunked_map(lambda u: jnp.vdot(u, hvp(u)), basis, chunk_size)
   else:
-    raise ValueError(f"hessian method must be 'hvp' or 'full'; got {method!r}")
+    raise ValueError(f"hessian method must be 'hvp', 'forward' or 'full'; got {method!r}")
   if clamp:
     diag = jnp.maximum(diag, 0)
   return unravel(diag)
