@@ -122,17 +122,25 @@ class LogFile:
   def __init__(self, workdir: str, name: str = "log.txt"):
     self.path = os.path.join(workdir, name)
     self._handler: py_logging.Handler | None = None
+    self._old_level = py_logging.NOTSET
 
   def __enter__(self) -> "LogFile":
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     handler = py_logging.FileHandler(self.path, mode="a")
     handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.get_absl_logger().addHandler(handler)
+    logger = logging.get_absl_logger()
+    logger.addHandler(handler)
     self._handler = handler
+    # The run log records INFO even when the library is called outside absl.app (tests, notebooks).
+    self._old_level = logger.level
+    if logger.getEffectiveLevel() > py_logging.INFO:
+      logger.setLevel(py_logging.INFO)
     return self
 
   def __exit__(self, *exc_info) -> None:
     if self._handler is not None:
-      logging.get_absl_logger().removeHandler(self._handler)
+      logger = logging.get_absl_logger()
+      logger.removeHandler(self._handler)
+      logger.setLevel(self._old_level)
       self._handler.close()
       self._handler = None

@@ -149,7 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.debug = ml_collections.ConfigDict()
   c.debug.stop_after_steps = -1  # > 0: stop after this many optimiser steps (simulated kill)
-  c.debug.nan_at_step = -1  # >= 0: feed a NaN image batch at this global step (tests)
+  c.debug.nan_at_step = -1  # > 0: the k-th optimiser step (1-based) gets a NaN batch (tests)
   return c
 
 
@@ -321,8 +321,19 @@ class StepFns:
   prior_update: Any
 
 
+# The config fields the step functions read (others, e.g. the number of iterations, do not force a
+# recompilation, so runs that differ only there share the compiled functions in one process).
+_STATIC_FIELDS = {
+    "search": ("lr", "momentum", "weight_decay", "switch_lr", "switch_momentum", "penalty_mode"),
+    "bayes": ("lambda_origin", "lambda_op", "prune_threshold", "prune_mode", "eps_omega",
+              "fidelity", "random_init", "gamma_init", "omega_init"),
+    "curvature": ("kind", "chunk_size"),
+}
+
+
 def _static_key(config, num_classes, alive, mesh) -> _StaticKey:
-  part = {k: config[k].to_dict() for k in ("model", "search", "bayes", "curvature")}
+  part = {k: {f: config[k][f] for f in fields} for k, fields in _STATIC_FIELDS.items()}
+  part["model"] = config.model.to_dict()
   part["space"] = config.space
   return _StaticKey(json.dumps(part, sort_keys=True), num_classes, alive, mesh)
 
@@ -356,7 +367,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                batch_stats=_merge_collection(state["batch_stats"], new_bs),
                step=state["step"] + 1)
     acc = _acc_update(acc, loss=loss, nll=loss, penalty=0.0, correct=correct,
-                      count=float(batch["label"].shape[0]), grad_norm=optax.global_norm(grads),
+                      count=float(batch["label"].shape[0]), grad_norm=optax.tree.norm(grads),
                       switch_grad_norm=jnp.zeros(()), step=state["step"])
     return new, acc
 
@@ -385,8 +396,8 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                batch_stats=_merge_collection(state["batch_stats"], new_bs),
                step=state["step"] + 1)
     acc = _acc_update(acc, loss=loss, nll=nll, penalty=pen, correct=correct,
-                      count=float(batch["label"].shape[0]), grad_norm=optax.global_norm(g_w),
-                      switch_grad_norm=optax.global_norm(g_s), step=state["step"])
+                      count=float(batch["label"].shape[0]), grad_norm=optax.tree.norm(g_w),
+                      switch_grad_norm=optax.tree.norm(g_s), step=state["step"])
     return new, acc
 
   def eval_step(state, acc, batch):
@@ -410,11 +421,12 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                                                  **opts)
 
   def prior_update(prior, switches, h):
-    return bayes.update(prior, switches, h, lambda_origin=lam_o, lambda_op=lam_op,
-                        prune_threshold=float(config.bayes.prune_threshold),
-                        prune_mode=config.bayes.prune_mode,
-                        eps_omega=float(config.bayes.eps_omega),
-                        fidelity=bool(config.bayes.fidelity))
+    prior = bayes.update(prior, switches, h, lambda_origin=lam_o, lambda_op=lam_op,
+                         prune_threshold=float(config.bayes.prune_threshold),
+                         prune_mode=config.bayes.prune_mode,
+                         eps_omega=float(config.bayes.eps_omega),
+                         fidelity=bool(config.bayes.fidelity))
+    return prior, bayes.apply_mask(switches, prior.alive)  # pruned switches exactly 0
 
   train_kw = dict(donate_argnums=(0, 1), out_shardings=(replicated, replicated))
   return StepFns(
@@ -549,11 +561,12 @@ class _Runner:
 
   def fail_nonfinite(self, what: str, pos: _Position, step: int | None = None) -> None:
     self.ckpt.wait()
-    where = f"global step {step}" if step is not None and step >= 0 else f"step ~{pos.global_step}"
-    kept = (f"the last good checkpoint (#{self.last_good[0]}, taken at global step "
+    where = (f"optimiser step {step + 1}" if step is not None and step >= 0
+             else f"the update after optimiser step {pos.global_step}")
+    kept = (f"the last good checkpoint (#{self.last_good[0]}, after optimiser step "
             f"{self.last_good[1]}) is kept in {self.ckpt.directory}"
             if self.last_good else "no checkpoint had been written yet")
-    msg = (f"non-finite {what} at {where} (phase {pos.phase!r}, iteration {pos.iteration}, "
+    msg = (f"non-finite {what} in {where} (phase {pos.phase!r}, iteration {pos.iteration}, "
            f"epoch {pos.epoch}): stopping the run; {kept}. Lower search.lr / search.switch_lr "
            "or check the data, then rerun with the same --workdir to resume from it.")
     logging.error(msg)
@@ -594,7 +607,7 @@ class _Runner:
     try:
       for step in range(pos.step, steps):
         batch = next(batches)
-        if pos.global_step == nan_at:
+        if pos.global_step + 1 == nan_at:
           batch = dict(batch, image=batch["image"] * jnp.nan)
         state, acc = step_fn(state, acc, batch)
         pos.step, pos.global_step = step + 1, pos.global_step + 1
@@ -679,9 +692,7 @@ class _Runner:
     t0 = time.perf_counter()
     h = self.curvature(state, pos)
     fns = self.fns({tt: np.asarray(a) for tt, a in state["prior"].alive.items()})
-    prior = fns.prior_update(state["prior"], state["switches"], h)
-    switches = jax.jit(bayes.apply_mask, out_shardings=self.replicated)(state["switches"],
-                                                                       prior.alive)
+    prior, switches = fns.prior_update(state["prior"], state["switches"], h)
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
         (h, prior.gamma, prior.omega, prior.posterior_variance)))
     if not finite:
@@ -798,8 +809,10 @@ class _Runner:
     T = int(c.search.iterations)
     while pos.phase != PHASE_DONE:
       if pos.phase == PHASE_WARMUP and pos.epoch >= int(c.search.warmup_epochs):
-        pos = _Position(PHASE_SEARCH if T > 0 else PHASE_DONE, 1, 0, 0, pos.global_step)
-        if pos.phase == PHASE_DONE:
+        pos = _Position(PHASE_SEARCH if T > 0 else PHASE_DONE, 1 if T > 0 else 0, 0, 0,
+                        pos.global_step)
+        if pos.phase == PHASE_DONE:  # T = 0: nothing to search
+          self.save(state, pos)
           break
       if pos.phase in (PHASE_WARMUP, PHASE_SEARCH):
         phase = pos.phase

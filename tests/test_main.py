@@ -1,0 +1,124 @@
+"""Tests of the command line (`python -m bnas_jax.main`) and of the experiment configs."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from bnas_jax import main as main_lib
+from bnas_jax import search
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEARCH_EXPERIMENTS = ("cifar_proxy", "cifar_proxy_darts", "nb201_cifar10", "nb201_cifar100", "tiny")
+
+
+def load_experiment(name: str):
+  path = os.path.join(REPO, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "bnas_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name", SEARCH_EXPERIMENTS)
+def test_search_configs_build_and_have_every_runner_field(name):
+  module = load_experiment(name)
+  reference = _flat(search.default_config().to_dict())
+  variants = [None, "cpu"] if name != "tiny" else [None, "bayesnas", "darts"]
+  for variant in variants:
+    config = module.get_config(variant)
+    assert config.mode == "search"
+    # Same field set as the runner's defaults: nothing misspelt, nothing missing.
+    assert set(_flat(config.to_dict())) == set(reference), variant
+    search._check_config(config)  # pylint: disable=protected-access
+    split_total = sum(config.data.splits.values())
+    assert split_total <= config.data.num_train
+  with pytest.raises(ValueError, match="variant"):
+    module.get_config("no_such_variant")
+
+
+def test_proxy_config_is_the_official_protocol():
+  config = load_experiment("cifar_proxy").get_config()
+  assert (config.space, config.model.init_channels, config.model.num_cells) == ("bayesnas", 36, 8)
+  assert (config.search.batch_size, config.search.lr, config.search.weight_decay) == (18, 0.1, 1e-4)
+  assert (config.search.switch_lr, config.search.momentum) == (0.1, 0.9)
+  assert dict(config.data.splits) == {"warmup": 5_000, "search": 40_000, "val": 5_000}
+  assert config.bayes.lambda_origin == config.bayes.lambda_op == 0.01
+  assert search._curvature_scale(config) == 18.0  # pylint: disable=protected-access
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def test_misspelt_override_fails_naming_the_field(tmp_path):
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path}",
+                 "--config.serch.lr=0.5", timeout=300)
+  assert proc.returncode != 0
+  assert "serch" in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "config.json"))  # failed before running
+
+
+def test_get_runner_dispatch():
+  assert main_lib.get_runner("search") is search.run
+  from bnas_jax import train_eval  # pylint: disable=g-import-not-at-top
+  assert main_lib.get_runner("train") is train_eval.run
+  with pytest.raises(ValueError, match="config.mode='serch'"):
+    main_lib.get_runner("serch")
+
+
+def test_workdir_without_config_needs_a_stored_config(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--config"):
+    main_lib.load_config_from_workdir(str(tmp_path))
+
+
+def test_cli_run_then_resume_from_workdir_alone(tmp_path, cifar10_subset_dir):
+  # T = 0 and no warm-up: the run only initialises, saves and derives the all-alive genotype, which
+  # exercises the whole CLI path (config file + overrides, run directory, checkpoint) cheaply.
+  workdir = str(tmp_path / "run")
+  proc = run_cli("--config=experiments/tiny.py:bayesnas", f"--workdir={workdir}",
+                 f"--config.data.data_dir={cifar10_subset_dir}",
+                 "--config.search.warmup_epochs=0", "--config.search.iterations=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "local devices" in proc.stderr
+  for name in ("config.json", "config.yaml", "seeds.json", "genotype.json", "genotype.png",
+               "genotype.svg", "summary.json", "log.txt"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  stored = main_lib.load_config_from_workdir(workdir)
+  assert stored.space == "bayesnas" and stored.search.iterations == 0
+  assert stored.data.data_dir == cifar10_subset_dir
+  with pytest.raises(AttributeError):  # read back locked, like the command-line config
+    stored.no_such_field = 1
+  with open(os.path.join(workdir, "genotype.json")) as f:
+    first = json.load(f)
+  os.remove(os.path.join(workdir, "genotype.json"))
+
+  # Resume with --workdir only: the stored config is used and the finished run is recognised.
+  proc = run_cli(f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed checkpoint" in proc.stderr
+  assert "starting a new search" not in proc.stderr
+  with open(os.path.join(workdir, "genotype.json")) as f:
+    assert json.load(f) == first
+  assert isinstance(stored, ml_collections.ConfigDict)

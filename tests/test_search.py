@@ -1,0 +1,293 @@
+"""End-to-end tests of the search runner (`bnas_jax.search`) on the tiny config and real CIFAR-10.
+
+One uninterrupted tiny search (nb201 space, C = 4, 1 cell per stage, 8 + 8 + 8 lossless CIFAR-10
+images, batch 4, 1 warm-up epoch + 2 outer iterations, a relative prune threshold that prunes at
+t = 1) is the reference (`reference_run`). Every other run in this file reuses its compiled step
+functions (same static config), so they cost only their few steps:
+
+* same seed twice -> identical gamma, alive mask and genotype;
+* a run killed mid-epoch (``debug.stop_after_steps``), resumed twice from its workdir (once
+  mid-epoch, once across a prior update) -> exactly the reference gamma, genotype and history;
+* a NaN batch -> `NonFiniteError` naming the step, and the latest checkpoint is the last finite one;
+* the same search on 2 simulated CPU devices (a subprocess started at the beginning so it compiles
+  while the reference runs) -> the reference result up to float tolerance.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bnas_jax import checkpointing
+from bnas_jax import genotype as genotype_lib
+from bnas_jax import input_pipeline
+from bnas_jax import search
+from bnas_jax.search_space import spaces
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "experiments", "tiny.py")
+# The 2-device comparison skips the warm-up and does one iteration (half the compilations of the
+# subprocess); the step functions it needs in this process are those of the reference run.
+TWO_DEVICE_OVERRIDES = {"search.warmup_epochs": 0, "search.iterations": 1}
+
+
+def tiny_config(data_dir: str, **overrides):
+  """The experiments/tiny.py config pointed at the lossless subset, with dotted overrides."""
+  sys.path.insert(0, REPO)
+  try:
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    spec = importlib.util.spec_from_file_location("_tiny_config", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(REPO)
+  config = module.get_config()
+  config.data.data_dir = data_dir
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def read_scalar_tags(event_file: str) -> set[str]:
+  """Scalar tags in a TensorBoard event file (TFRecord framing: len, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = set()
+  with open(event_file, "rb") as f:
+    while True:
+      header = f.read(12)
+      if len(header) < 12:
+        break
+      (length,) = struct.unpack("<Q", header[:8])
+      data = f.read(length)
+      f.read(4)
+      event = event_pb2.Event()
+      event.ParseFromString(data)
+      for value in event.summary.value:
+        tags.add(value.tag)
+  return tags
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Cheaper XLA compilation for this module (numerics unchanged up to float rounding)."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def two_device_run(tmp_path_factory, cifar10_subset_dir, data_cache_dir):
+  """Starts the 2-device tiny search in a subprocess (collected by `test_two_devices_...`)."""
+  workdir = str(tmp_path_factory.mktemp("two_devices"))
+  env = dict(os.environ)
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(data_cache_dir, "jax_compilation_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  cmd = [sys.executable, "-m", "bnas_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+         f"--config.data.data_dir={cifar10_subset_dir}"]
+  cmd += [f"--config.{k}={v}" for k, v in TWO_DEVICE_OVERRIDES.items()]
+  log = open(os.path.join(workdir, "stdout.txt"), "w")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  yield proc, workdir
+  if proc.poll() is None:
+    proc.kill()
+  proc.wait()
+  log.close()
+
+
+@pytest.fixture(scope="module")
+def reference_run(two_device_run, fast_compile, tmp_path_factory, cifar10_subset_dir):
+  del two_device_run, fast_compile  # started first so that it compiles concurrently
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  result = search.run(tiny_config(cifar10_subset_dir), workdir)
+  return result, workdir
+
+
+def assert_same_result(a: search.SearchResult, b: search.SearchResult, exact: bool = True):
+  assert a.genotype == b.genotype
+  assert set(a.gamma) == set(b.gamma)
+  for t in a.gamma:
+    np.testing.assert_array_equal(a.alive[t], b.alive[t])
+    if exact:
+      np.testing.assert_array_equal(a.gamma[t], b.gamma[t])
+    else:
+      np.testing.assert_allclose(a.gamma[t], b.gamma[t], rtol=1e-3, atol=1e-6)
+
+
+def test_reference_run_writes_everything(reference_run):
+  result, workdir = reference_run
+  assert result.completed and result.global_step == 6  # 2 warm-up + 2 x 2 search steps
+  assert [h["iteration"] for h in result.history] == [1, 2]
+  # The tiny threshold prunes at t = 1, so t = 2 ran on a rebuilt (smaller) supernet.
+  assert result.history[0]["live_groups"] < 30
+  assert result.history[1]["live_groups"] <= result.history[0]["live_groups"]
+  assert 0.0 <= result.val_accuracy <= 1.0
+
+  for name in ("config.json", "config.yaml", "seeds.json", "log.txt", "summary.json",
+               "genotype.json", "genotype.png", "genotype.svg", "prior.npz", "nb201_arch.txt"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  for t in ("t01", "t02"):
+    for name in ("genotype.json", "genotype.png", "genotype.svg", "prior.npz", "nb201_arch.txt"):
+      assert os.path.getsize(os.path.join(workdir, "iterations", t, name)) > 0, (t, name)
+  assert genotype_lib.Genotype.load(os.path.join(workdir, "genotype.json")) == result.genotype
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["space"] == "nb201"
+
+  # Pruned switches are exactly zero; the stored gamma is the returned one.
+  prior = np.load(os.path.join(workdir, "prior.npz"))
+  alive = prior["alive/normal"]
+  assert not alive.all()
+  assert np.all(prior["switches/normal"][:, ~alive] == 0.0)
+  np.testing.assert_allclose(prior["gamma/normal"].mean(0), result.gamma["normal"], rtol=1e-6)
+
+  # NB201 look-up of each iteration's cell (the shared table is present in this repo).
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert all(0.0 < h["nb201_accuracy"] <= 100.0 for h in summary["history"])
+  with open(os.path.join(workdir, "nb201_arch.txt")) as f:
+    assert f.read().strip() == summary["nb201_arch"]
+
+  # Checkpoints: keep-last-2, the latest one marks the run as done.
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+  assert len(ckpt.all_indices()) == 2
+  assert ckpt.restore_meta()["position"]["phase"] == search.PHASE_DONE
+  ckpt.close()
+
+  # TensorBoard: training, prior and per-iteration scalars.
+  (event_file,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  tags = read_scalar_tags(event_file)
+  for tag in ("warmup/loss", "search/loss", "search/penalty", "search/accuracy",
+              "search/step_time_s", "iteration/val_accuracy", "iteration/live_switches",
+              "prior/normal/gamma_median", "prior/normal/omega_median", "prior/normal/C_median",
+              "prior/normal/H_median", "prior/live_groups"):
+    assert tag in tags, tag
+
+
+def test_step_functions_compiled_once_per_mask(reference_run, cifar10_subset_dir):
+  # One compilation per alive mask (full supernet, then the pruned one), none per epoch or run:
+  # every jitted function holds exactly one executable although several runs in this module used it.
+  result, _ = reference_run
+  config = tiny_config(cifar10_subset_dir)
+  mesh = input_pipeline.make_mesh()
+  full = search._build_step_fns(search._static_key(config, 10, None, mesh))
+  pruned = search._build_step_fns(
+      search._static_key(config, 10, spaces.freeze_mask(result.alive), mesh))
+  assert full is not pruned
+  for fns, used in ((full, ("warmup_step", "search_step", "eval_step", "curvature_fn",
+                            "prior_update")),
+                    (pruned, ("search_step", "eval_step", "curvature_fn", "prior_update"))):
+    for name in used:
+      assert getattr(fns, name)._cache_size() == 1, name
+
+
+def test_same_seed_same_result(reference_run, tmp_path, cifar10_subset_dir):
+  result, _ = reference_run
+  again = search.run(tiny_config(cifar10_subset_dir), str(tmp_path))
+  assert_same_result(result, again)
+  assert [h["val_accuracy"] for h in again.history] == [h["val_accuracy"] for h in result.history]
+
+
+def test_resume_after_kill_equals_uninterrupted(reference_run, tmp_path, cifar10_subset_dir):
+  result, _ = reference_run
+  workdir = str(tmp_path)
+  # Killed after 3 steps: inside the first search epoch (2 warm-up steps + 1).
+  first = search.run(tiny_config(cifar10_subset_dir, **{"debug.stop_after_steps": 3}), workdir)
+  assert not first.completed and first.global_step == 3
+  # Resumed mid-epoch, killed again after the t = 1 prior update (inside the t = 2 epoch).
+  second = search.run(tiny_config(cifar10_subset_dir, **{"debug.stop_after_steps": 5}), workdir)
+  assert not second.completed and second.global_step == 5
+  assert len(second.history) == 1
+  final = search.run(tiny_config(cifar10_subset_dir), workdir)
+  assert final.completed and final.global_step == 6
+  assert_same_result(result, final)
+  assert [h["val_accuracy"] for h in final.history] == [h["val_accuracy"] for h in result.history]
+  assert os.path.exists(os.path.join(workdir, "config.previous.json"))  # config change noted
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(reference_run, tmp_path, cifar10_subset_dir):
+  del reference_run  # shares its compiled functions
+  workdir = str(tmp_path)
+  config = tiny_config(cifar10_subset_dir, **{"debug.nan_at_step": 3})
+  message = (r"non-finite loss or gradient in optimiser step 3 .*"
+             r"last good checkpoint \(#\d+, after optimiser step 2\) is kept")
+  with pytest.raises(search.NonFiniteError, match=message):
+    search.run(config, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  meta = ckpt.restore_meta()
+  assert meta["position"]["global_step"] == 2  # saved after step 2, the one before the NaN
+  runner_state, _ = ckpt.restore(_abstract_state(config))
+  ckpt.close()
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(runner_state)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def _abstract_state(config):
+  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
+  from bnas_jax.search_space import spaces  # pylint: disable=g-import-not-at-top
+  counts = supernet.cell_counts(config.space, config.model.num_cells)
+  shapes = spaces.get_space(config.space).switch_shapes(counts)
+  return jax.eval_shape(lambda k: search.init_state(config, 10, shapes, k),
+                        jax.random.key(0, impl="rbg"))
+
+
+def test_two_devices_equal_one_device(reference_run, two_device_run, tmp_path,
+                                     cifar10_subset_dir):
+  del reference_run  # compiled the 1-device step functions
+  one = search.run(tiny_config(cifar10_subset_dir, **TWO_DEVICE_OVERRIDES), str(tmp_path))
+  proc, workdir = two_device_run
+  rc = proc.wait(timeout=900)
+  with open(os.path.join(workdir, "stdout.txt")) as f:
+    log = f.read()
+  assert rc == 0, log[-3000:]
+  assert "global devices: 2" in log
+  assert genotype_lib.Genotype.load(os.path.join(workdir, "genotype.json")) == one.genotype
+  prior = np.load(os.path.join(workdir, "prior.npz"))
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["global_step"] == one.global_step == 2
+  for t in one.gamma:
+    np.testing.assert_array_equal(prior[f"alive/{t}"], one.alive[t])
+    np.testing.assert_allclose(prior[f"gamma/{t}"].mean(0), one.gamma[t], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(summary["val_accuracy"], one.val_accuracy, atol=1e-6)
+
+
+def test_bad_config_values_are_named(tmp_path, cifar10_subset_dir):
+  config = tiny_config(cifar10_subset_dir, **{"search.penalty_mode": "l1"})
+  with pytest.raises(ValueError, match="config.search.penalty_mode"):
+    search.run(config, str(tmp_path))
+  config = tiny_config(cifar10_subset_dir, **{"curvature.kind": "exact"})
+  with pytest.raises(ValueError, match="config.curvature.kind"):
+    search.run(config, str(tmp_path))
+
+
+def test_checkpointer_keeps_last_n_and_refuses_old_index(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
+  state = {"w": np.arange(3, dtype=np.float32), "alive": np.array([True, False])}
+  for i in range(4):
+    ckpt.save(i, jax.tree.map(lambda x, i=i: x + i if x.dtype != bool else x, state), {"i": i})
+  ckpt.wait()
+  assert ckpt.all_indices() == [2, 3]
+  with pytest.raises(ValueError, match="must be larger"):
+    ckpt.save(3, state, {"i": 3})
+  restored, meta = ckpt.restore(jax.eval_shape(lambda: jax.tree.map(jax.numpy.asarray, state)))
+  assert meta == {"i": 3}
+  np.testing.assert_array_equal(restored["w"], state["w"] + 3)
+  np.testing.assert_array_equal(restored["alive"], state["alive"])
+  ckpt.close()
+  with pytest.raises(FileNotFoundError):
+    checkpointing.Checkpointer(str(tmp_path / "empty")).restore({})
