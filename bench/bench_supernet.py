@@ -68,7 +68,9 @@ def run_config(name: str, steps: int, dw_impl: str) -> dict:
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(b, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, size=(b,)), jnp.int32)
-  variables = jax.jit(lambda k: model.init(k, images, switches, train=True))(jax.random.key(0))
+  t0 = time.perf_counter()
+  variables = supernet_lib.init_variables(model, jax.random.key(0), images, switches)
+  init_s = time.perf_counter() - t0
   params, batch_stats = variables["params"], variables["batch_stats"]
   tx = optax.sgd(0.01, momentum=0.9)
   opt_state = tx.init((params, switches))
@@ -88,6 +90,7 @@ def run_config(name: str, steps: int, dw_impl: str) -> dict:
       "config": f"{name} ({space}, C={c}, cells={n}, batch={b}, dw={dw_impl})",
       "weights": _count(params),
       "switches": _count(switches),
+      "init_s": init_s,
       "compile_s": compile_s,
       "step_median_s": statistics.median(times),
       "step_min_s": min(times),
@@ -101,7 +104,7 @@ def main(argv=None):
   p.add_argument("--configs", default="cpu",
                  help="comma list of %s, or 'cpu' (default), 'official', 'all'" % sorted(CONFIGS))
   p.add_argument("--steps", type=int, default=10, help="timed steps per config (after compile)")
-  p.add_argument("--dw_impl", default="shift", choices=("shift", "lax"))
+  p.add_argument("--dw_impl", default="shift", choices=("shift", "scan", "lax"))
   args = p.parse_args(argv)
   names = {"cpu": list(CPU_CONFIGS), "official": ["bayesnas_official", "darts_official"],
            "all": list(CONFIGS)}.get(args.configs, args.configs.split(","))
@@ -113,7 +116,7 @@ def main(argv=None):
   for nm in names:
     r = run_config(nm, args.steps, args.dw_impl)
     print(f"{r['config']}: weights={r['weights']:,} switches={r['switches']} "
-          f"compile={r['compile_s']:.1f}s step_median={r['step_median_s']:.3f}s "
+          f"init={r['init_s']:.1f}s compile={r['compile_s']:.1f}s step_median={r['step_median_s']:.3f}s "
           f"(min {r['step_min_s']:.3f}s) loss={r['loss']:.3f} peak_rss={r['peak_rss_gb']:.2f}GB",
           flush=True)
 
