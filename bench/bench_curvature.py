@@ -76,6 +76,8 @@ def main():
   images = jax.random.normal(kx, (args.batch, 32, 32, 3))
   labels = jax.random.randint(ky, (args.batch,), 0, args.classes)
   batch = {"image": images, "label": labels}
+  # unsafe_rbg: threefry initialisers of every supernet parameter take minutes to compile on CPU.
+  ki = jax.random.key(int(jax.random.randint(ki, (), 0, 2 ** 30)), impl="unsafe_rbg")
   variables = jax.jit(lambda k: model.init(k, images, switches, train=True))(ki)
   switches = jax.tree_util.tree_map(
       lambda s: s * jax.random.uniform(ks, s.shape, minval=0.5, maxval=1.5), switches)
