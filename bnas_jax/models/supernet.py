@@ -126,14 +126,30 @@ def _waves(topo: spaces.CellTopology) -> list[tuple[int, tuple[int, ...]]]:
   return sorted((k, tuple(v)) for k, v in groups.items())
 
 
-def _edge_switch(sw: Array, e: int, k: int) -> Array:
-  """Switch (e, k) of one cell, shaped to broadcast against f32[B, H, W, C]."""
-  s = sw[..., e, k]
-  return s if s.ndim == 0 else s.reshape(-1, 1, 1, 1)
+def _mix(parts: Array, weights: Array) -> Array:
+  """``out[..., t, :] = sum_g weights[..., g, t] * parts[..., g, :]`` as one fused multiply-reduce.
+
+  Args:
+    parts: f32[B, H, W, G, C].
+    weights: f32[G, T] (shared) or f32[B, G, T] (per example).
+
+  Returns:
+    f32[B, H, W, T, C]. One reduction instead of G scalings and adds: its gradient with respect to
+    `weights` is a single reduction too (this keeps the XLA graph of the step small).
+  """
+  w = weights[..., None] if weights.ndim == 2 else weights[:, None, None, :, :, None]
+  return jnp.sum(parts[..., :, None, :] * w, axis=-3)
 
 
 class Cell(nn.Module):
-  """One searched cell; inputs are the (preprocessed) node tensors."""
+  """One searched cell; inputs are the (preprocessed) node tensors.
+
+  Per wave (the edges leaving one node, or all input edges), the origin-scaled inputs of all edges
+  are formed at once (`_mix` with a [sources, edges] switch matrix), every candidate op runs once in
+  grouped form on the edges where it is alive, and each op's outputs are switch-scaled and routed
+  to their target nodes by one `_mix` with an [edges, targets] matrix. Mathematically this is
+  ``node_t = sum_{edges e -> t} sum_op s_op * op(s_origin * x_source)`` (spec 2.1).
+  """
   space: str
   channels: int
   cell_type: str
@@ -154,36 +170,51 @@ class Cell(nn.Module):
     nodes: dict[int, Array] = dict(enumerate(inputs))
     acc: dict[int, Array] = {}
     in_shape = inputs[-1].shape
+    c = self.channels
     for key, eids in _waves(topo):
       stride = topo.stride(topo.edges[eids[0]])
       if key >= 0:  # intermediate source: all edges into it are done by now.
         nodes[key] = acc.get(key, self._zeros(in_shape, topo.reduction))
       g_all = len(eids)
+      live = [g for g, e in enumerate(eids) if alive[e, 0] and alive[e, 1:].any()]
+      if not live:
+        continue
+      wsw = jnp.take(sw, np.asarray(eids, np.int32), axis=-2)  # [(B,) G, K]
+      # Origin-scaled inputs of all edges of the wave: xin[..., g, :] = s_origin(e_g) * x_src(e_g).
+      srcs = sorted({topo.edges[eids[g]].source for g in live})
+      onehot = np.zeros((len(srcs), g_all), np.float32)
+      for g in live:
+        onehot[srcs.index(topo.edges[eids[g]].source), g] = 1.0
+      xsrc = jnp.stack([nodes[s] for s in srcs], axis=-2)  # [B, H, W, S, C]
+      xin = _mix(xsrc, wsw[..., None, :, 0] * onehot)  # [B, H, W, G, C]
+      targets = sorted({topo.edges[eids[g]].target for g in live})
+      route = np.zeros((g_all, len(targets)), np.float32)
+      for g in live:
+        route[g, targets.index(topo.edges[eids[g]].target)] = 1.0
+      out = None
       for k, op_name in enumerate(sp.ops):
-        sel = tuple(g for g, e in enumerate(eids) if alive[e, 0] and alive[e, 1 + k])
+        sel = tuple(g for g in live if alive[eids[g], 1 + k])
         if not sel:
           continue
-        x = jnp.concatenate([_edge_switch(sw, eids[g], 0) * nodes[topo.edges[eids[g]].source]
-                             for g in sel], axis=-1) if len(sel) > 1 else (
-                                 _edge_switch(sw, eids[sel[0]], 0)
-                                 * nodes[topo.edges[eids[sel[0]]].source])
+        idx = np.asarray(sel, np.int32)
+        b, h, w = xin.shape[:3]
+        x = (xin if len(sel) == g_all else xin[..., idx, :]).reshape(b, h, w, len(sel) * c)
         kw = {"groups": g_all, "select": None if len(sel) == g_all else sel}
         if sp.family != "bayesnas":
           kw["affine"] = self.affine
         if sp.family != "nb201":
           kw["dw_impl"] = self.dw_impl
-        op = ops_lib.OPS[sp.family][op_name](self.channels, stride, name=f"w{key + 1}_{op_name}",
-                                             **kw)
+        op = ops_lib.OPS[sp.family][op_name](c, stride, name=f"w{key + 1}_{op_name}", **kw)
         y = op(x, train=train)
         if sp.family == "darts" and "pool" in op_name:
           y = ops_lib.BatchNorm(False, g_all, kw["select"],
                                 name=f"w{key + 1}_{op_name}_bn")(y, train=train)
-        c = self.channels
-        for j, g in enumerate(sel):
-          e = eids[g]
-          t = topo.edges[e].target
-          term = _edge_switch(sw, e, 1 + k) * (y[..., j * c:(j + 1) * c] if len(sel) > 1 else y)
-          acc[t] = term if t not in acc else acc[t] + term
+        # Switch-scale and route: weights [(B,) n_sel, T] = s_op(e_g) * [target(e_g) == t].
+        wts = jnp.take(wsw[..., 1 + k], idx, axis=-1)[..., None] * route[idx]
+        term = _mix(y.reshape(*y.shape[:3], len(sel), c), wts)
+        out = term if out is None else out + term
+      for ti, t in enumerate(targets):
+        acc[t] = out[..., ti, :] if t not in acc else acc[t] + out[..., ti, :]
     outs = [acc.get(t, nodes.get(t)) for t in topo.concat]
     outs = [o if o is not None else self._zeros(in_shape, topo.reduction) for o in outs]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
