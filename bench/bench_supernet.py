@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bnas_jax import xla_flags
 from bnas_jax.models import supernet as supernet_lib
 
 # name -> (space, init_channels, num_cells, batch)
@@ -105,7 +106,12 @@ def main(argv=None):
                  help="comma list of %s, or 'cpu' (default), 'official', 'all'" % sorted(CONFIGS))
   p.add_argument("--steps", type=int, default=10, help="timed steps per config (after compile)")
   p.add_argument("--dw_impl", default="shift", choices=("shift", "scan", "lax"))
+  p.add_argument("--cache_dir", default="",
+                 help="persistent compilation cache (bnas_jax.xla_flags.configure_cpu); default "
+                      "off, so that compile times are measured cold")
   args = p.parse_args(argv)
+  if args.cache_dir:
+    xla_flags.configure_cpu(args.cache_dir)
   names = {"cpu": list(CPU_CONFIGS), "official": ["bayesnas_official", "darts_official"],
            "all": list(CONFIGS)}.get(args.configs, args.configs.split(","))
   for nm in names:
