@@ -10,7 +10,8 @@
       optimisers with momentum (weights: ``search.lr`` / ``search.weight_decay``; switches:
       ``search.switch_lr``, no weight decay), loss = mean NLL + the reweighted group-l1 penalty
       `bayes.penalty` (``search.penalty_mode='subgradient'``, as the original) or NLL followed by
-      the group soft-threshold `bayes.prox_group_l1` (``'proximal'``); pruned switches stay exactly 0;
+      the group soft-threshold `bayes.prox_group_l1` (``'proximal'``); pruned switches stay
+      exactly 0;
    b. a curvature pass: ``curvature.kind`` of `bnas_jax.curvature.CURVATURE_FNS` over
       ``curvature.num_batches`` batches of the search split, averaged (curvature of the *mean*
       loss), times ``bayes.curvature_scale`` (see below);
@@ -76,7 +77,7 @@ PENALTY_MODES = ("subgradient", "proximal")
 
 
 class NonFiniteError(FloatingPointError):
-  """A non-finite loss, gradient or prior state stopped the run (the last good checkpoint is kept)."""
+  """A non-finite loss, gradient or prior state stopped the run (the last good checkpoint stays)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +116,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.search.penalty_mode = "subgradient"  # or 'proximal'
   c.search.max_steps_per_epoch = -1  # > 0 caps every epoch (smoke tests); -1 = full epochs
   c.search.eval_batch_size = 200
+  # Supernet evaluation: 'batch' = train-mode batch norm with the statistics of each eval batch
+  # (robust right after pruning, when the running averages still describe the unpruned network);
+  # 'running' = the running averages (what the original's model.eval() used).
+  c.search.eval_bn = "batch"
   c.search.max_eval_examples = -1  # > 0 evaluates on the first N val examples only
 
   c.bayes = ml_collections.ConfigDict()
@@ -156,6 +161,8 @@ def default_config() -> ml_collections.ConfigDict:
 def _check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming a bad config value and the fix."""
   s = config.search
+  if s.eval_bn not in ("batch", "running"):
+    raise ValueError(f"config.search.eval_bn={s.eval_bn!r}; use 'batch' or 'running'")
   if s.penalty_mode not in PENALTY_MODES:
     raise ValueError(f"config.search.penalty_mode={s.penalty_mode!r}; use one of {PENALTY_MODES}")
   if s.iterations < 0 or s.warmup_epochs < 0:
@@ -324,7 +331,8 @@ class StepFns:
 # The config fields the step functions read (others, e.g. the number of iterations, do not force a
 # recompilation, so runs that differ only there share the compiled functions in one process).
 _STATIC_FIELDS = {
-    "search": ("lr", "momentum", "weight_decay", "switch_lr", "switch_momentum", "penalty_mode"),
+    "search": ("lr", "momentum", "weight_decay", "switch_lr", "switch_momentum", "penalty_mode",
+               "eval_bn"),
     "bayes": ("lambda_origin", "lambda_op", "prune_threshold", "prune_mode", "eps_omega",
               "fidelity", "random_init", "gamma_init", "omega_init"),
     "curvature": ("kind", "chunk_size"),
@@ -346,6 +354,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
   lam_o, lam_op = float(config.bayes.lambda_origin), float(config.bayes.lambda_op)
   proximal = config.search.penalty_mode == "proximal"
   switch_lr = float(config.search.switch_lr)
+  eval_batch_bn = config.search.eval_bn == "batch"
   replicated = NamedSharding(key.mesh, P())
 
   def forward_train(params, batch_stats, switches, images):
@@ -401,8 +410,12 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
     return new, acc
 
   def eval_step(state, acc, batch):
-    logits = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                         batch["image"], state["switches"], train=False)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if eval_batch_bn:
+      logits, _ = model.apply(variables, batch["image"], state["switches"], train=True,
+                              mutable=["batch_stats"])
+    else:
+      logits = model.apply(variables, batch["image"], state["switches"], train=False)
     weights = batch.get("mask")
     if weights is None:
       weights = jnp.ones(batch["label"].shape, jnp.float32)
@@ -637,7 +650,8 @@ class _Runner:
       self.fail_nonfinite("loss or gradient", pos, int(host["first_bad_step"]))
     n = max(float(host["steps"]), 1.0)
     count = max(float(host["count"]), 1.0)
-    scalars = {"loss": host["loss"] / n, "nll": host["nll"] / n, "accuracy": host["correct"] / count,
+    scalars = {"loss": host["loss"] / n, "nll": host["nll"] / n,
+               "accuracy": host["correct"] / count,
                "grad_norm": host["grad_norm"] / n, "step_time_s": seconds / max(steps, 1),
                "epoch_step": pos.step}
     if phase == PHASE_SEARCH:
@@ -647,11 +661,12 @@ class _Runner:
     return self.replicate(new_train_acc())
 
   def evaluate(self, state) -> dict[str, float]:
-    """Supernet loss/accuracy on the val split (train=False: running batch-norm statistics)."""
+    """Supernet loss/accuracy on the val split (batch norm per ``search.eval_bn``)."""
     c = self.config
     images, labels = self.splits["val"]
-    if int(c.search.max_eval_examples) > 0:
-      images, labels = images[:int(c.search.max_eval_examples)], labels[:int(c.search.max_eval_examples)]
+    limit = int(c.search.max_eval_examples)
+    if limit > 0:
+      images, labels = images[:limit], labels[:limit]
     fns = self.fns({t: np.asarray(a) for t, a in state["prior"].alive.items()})
     acc = self.replicate({k: np.zeros((), np.float32) for k in ("nll", "correct", "count")})
     for batch in input_pipeline.epoch_batches(
@@ -773,8 +788,12 @@ class _Runner:
       # DARTS-style export: top-2 input edges per node, one op each (genotype.derive_darts).
       darts_cell = genotype_lib.derive_darts(self.space, scores, alive)
       darts_cell.save(os.path.join(folder, "genotype_darts.json"))
-      with open(os.path.join(folder, "genotype_darts.txt"), "w") as f:
-        f.write(repr(genotype_lib.to_darts(darts_cell)) + "\n")
+      d = genotype_lib.to_darts(darts_cell)
+      with open(os.path.join(folder, "genotype_darts.txt"), "w") as f:  # pastes into DARTS code
+        f.write(f"Genotype(normal={[tuple(p) for p in d.normal]!r}, "
+                f"normal_concat={list(d.normal_concat)!r}, "
+                f"reduce={[tuple(p) for p in d.reduce]!r}, "
+                f"reduce_concat={list(d.reduce_concat)!r})\n")
       genotype_lib.plot(darts_cell, os.path.join(folder, "genotype_darts"))
     if self.space.name == "nb201":
       with open(os.path.join(folder, "nb201_arch.txt"), "w") as f:

@@ -10,7 +10,7 @@ Run::
 
   python -m bnas_jax.main --config experiments/cifar_proxy_darts.py --workdir /tmp/bnas/darts
 
-Variants: ``cpu`` (C = 8, 5 cells, 1k/4k/1k images, T = 2).
+Variants: ``cpu`` (C = 8, 5 cells, 500/2,000/500 images, T = 2).
 """
 
 from bnas_jax import search
@@ -35,9 +35,9 @@ def get_config(arg=None):
   if arg == "cpu":
     config.model.init_channels = 8
     config.model.num_cells = 5
-    config.data.splits.warmup = 1_000
-    config.data.splits.search = 4_000
-    config.data.splits.val = 1_000
+    config.data.splits.warmup = 500
+    config.data.splits.search = 2_000
+    config.data.splits.val = 500
     config.search.iterations = 2
     config.search.eval_batch_size = 100
     config.curvature.num_batches = 4

@@ -12,6 +12,7 @@ import sys
 import ml_collections
 import pytest
 
+from bnas_jax import genotype as genotype_lib
 from bnas_jax import main as main_lib
 from bnas_jax import search
 
@@ -94,19 +95,27 @@ def test_workdir_without_config_needs_a_stored_config(tmp_path):
 
 def test_cli_run_then_resume_from_workdir_alone(tmp_path, cifar10_subset_dir):
   # T = 0 and no warm-up: the run only initialises, saves and derives the all-alive genotype, which
-  # exercises the whole CLI path (config file + overrides, run directory, checkpoint) cheaply.
+  # exercises the whole CLI path (config file + overrides, run directory, checkpoint) cheaply. The
+  # darts space also checks the DARTS-style export (top-2 edges per node, one op each).
   workdir = str(tmp_path / "run")
-  proc = run_cli("--config=experiments/tiny.py:bayesnas", f"--workdir={workdir}",
+  proc = run_cli("--config=experiments/tiny.py:darts", f"--workdir={workdir}",
                  f"--config.data.data_dir={cifar10_subset_dir}",
                  "--config.search.warmup_epochs=0", "--config.search.iterations=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "local devices" in proc.stderr
   for name in ("config.json", "config.yaml", "seeds.json", "genotype.json", "genotype.png",
-               "genotype.svg", "summary.json", "log.txt"):
+               "genotype.svg", "summary.json", "log.txt", "genotype_darts.json",
+               "genotype_darts.txt", "genotype_darts.png", "genotype_darts.svg"):
     assert os.path.exists(os.path.join(workdir, name)), name
+  darts_cell = genotype_lib.Genotype.load(os.path.join(workdir, "genotype_darts.json"))
+  assert darts_cell.space == "darts"
+  for cell_type in ("normal", "reduce"):  # DARTS format: 2 (op, input) pairs per node
+    assert len(darts_cell.cell(cell_type)) == 8
+  with open(os.path.join(workdir, "genotype_darts.txt")) as f:
+    assert f.read().startswith("Genotype(normal=[(")
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   stored = main_lib.load_config_from_workdir(workdir)
-  assert stored.space == "bayesnas" and stored.search.iterations == 0
+  assert stored.space == "darts" and stored.search.iterations == 0
   assert stored.data.data_dir == cifar10_subset_dir
   with pytest.raises(AttributeError):  # read back locked, like the command-line config
     stored.no_such_field = 1
