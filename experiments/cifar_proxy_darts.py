@@ -13,35 +13,29 @@ Run::
 Variants: ``cpu`` (C = 8, 5 cells, 500/2,000/500 images, T = 2).
 """
 
-from bnas_jax import search
+import importlib.util
+import os
+
+
+def _proxy_module():
+  """experiments/cifar_proxy.py, loaded by path (config files are not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar_proxy.py")
+  spec = importlib.util.spec_from_file_location("bnas_experiments_cifar_proxy", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config(arg=None):
-  """The DARTS-space proxy-search config; `arg` selects a variant (None or 'cpu')."""
-  config = search.default_config()
-  config.space = "darts"
-  config.model.init_channels = 16
-  config.model.num_cells = 8
-  config.data.name = "cifar10"
-  config.data.splits.warmup = 5_000
-  config.data.splits.search = 40_000
-  config.data.splits.val = 5_000
-  config.data.cutout = 16
-  config.search.iterations = 3
-  config.search.batch_size = 18
+  """The DARTS-space proxy-search config; `arg` selects a variant (None or 'cpu').
 
+  The protocol, splits and the ``cpu`` variant are those of ``cifar_proxy.py``; only the space and
+  the full-size width (DARTS search: C = 16) differ.
+  """
+  if arg not in (None, "", "cpu"):
+    raise ValueError(f"unknown variant {arg!r} of experiments/cifar_proxy_darts.py; use '' or 'cpu'")
+  config = _proxy_module().get_config(arg)
+  config.space = "darts"
   if arg in (None, ""):
-    return config
-  if arg == "cpu":
-    config.model.init_channels = 8
-    config.model.num_cells = 5
-    config.data.splits.warmup = 500
-    config.data.splits.search = 2_000
-    config.data.splits.val = 500
-    config.search.iterations = 2
-    config.search.eval_batch_size = 100
-    config.curvature.num_batches = 4
-    config.checkpoint.every_steps = 100
-    config.log_every_steps = 25
-    return config
-  raise ValueError(f"unknown variant {arg!r} of experiments/cifar_proxy_darts.py; use '' or 'cpu'")
+    config.model.init_channels = 16
+  return config
