@@ -46,6 +46,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -199,7 +200,8 @@ def _omega_sq(gamma: Array, curv: Array, fidelity: bool) -> tuple[Array, Array]:
 
 def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_origin: float,
            lambda_op: float, prune_threshold: float, prune_mode: str = "absolute",
-           eps_omega: float = EPS_OMEGA, fidelity: bool = False) -> HardPriorState:
+           eps_omega: float = EPS_OMEGA, fidelity: bool = False,
+           cells: Mapping[str, Any] | None = None) -> HardPriorState:
   """One HARD-prior update after an epoch (spec 4.2, stable forms of spec 10) plus pruning.
 
   Per cell type and group ``g = (e, k)`` (``lambda_k`` = `lambda_origin` for k = 0, else
@@ -217,6 +219,11 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
      kills every op of its edge; an origin whose ops are all dead is dead too (its edge carries
      nothing).
      Dead groups never come back and get ``gamma = 0`` exactly;
+  6b. connectivity (when `cells` is given, spec 3.1 dependency motif): an edge whose source node
+     has no live input edge, or (single-output cells such as nb201's) whose target cannot reach
+     the cell output, is killed with all its ops. Its ops would otherwise see zero input, get
+     ``H = 0``, ``omega`` at its floor and a diverging ``gamma``. This is the rule of
+     `bnas_jax.genotype.prune_disconnected`, so the alive mask and the derived genotype agree;
   7. gamma and omega are broadcast to every cell of the group.
 
   Args:
@@ -229,6 +236,8 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
     prune_mode: 'absolute' or 'relative' (threshold relative to the largest live gamma of the type).
     eps_omega: lower clamp of omega (> 0); keeps gamma_raw finite when H = 0.
     fidelity: reproduce the original's gamma* quirk in step 3 (see module docstring).
+    cells: optional ``{tau: CellTopology}`` (``SearchSpace.cells``, static) enabling step 6b;
+      without it only the origin -> op hierarchy is applied.
 
   Returns:
     The new `HardPriorState` (``count`` incremented). Finite for zero switches, zero or negative
@@ -249,6 +258,14 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
     raise ValueError(f"prune_threshold must be >= 0 (0 disables pruning), got {prune_threshold}")
   if prune_mode not in PRUNE_MODES:
     raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
+  if cells is not None:
+    for tau, s in switches.items():
+      if tau not in cells:
+        raise ValueError(f"cells lacks cell type {tau!r}; pass SearchSpace.cells of the space the "
+                         f"switches belong to (it has {sorted(cells)})")
+      if len(cells[tau].edges) != jnp.shape(s)[1]:
+        raise ValueError(f"cells[{tau!r}] has {len(cells[tau].edges)} edges but switches[{tau!r}] "
+                         f"has {jnp.shape(s)[1]} (shape {jnp.shape(s)}); wrong search space?")
 
   gamma, omega, post, curv, alive = {}, {}, {}, {}, {}
   for tau in sorted(switches):
@@ -277,6 +294,8 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
       thr = prune_threshold * jnp.max(jnp.where(alive_prev, g_new, 0.0))
     a = alive_prev & ~(g_new < thr)
     origin_alive = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
+    if cells is not None:
+      origin_alive = connected_edges(cells[tau], origin_alive)
     a = jnp.concatenate([origin_alive[:, None], a[:, 1:] & origin_alive[:, None]], axis=1)
 
     g_new = jnp.where(a, g_new, 0.0)
@@ -284,6 +303,41 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
     omega[tau], post[tau], curv[tau], alive[tau] = w, c, hc, a
   return HardPriorState(gamma=gamma, omega=omega, posterior_variance=post, curvature=curv,
                         alive=alive, count=state.count + 1)
+
+
+def connected_edges(topology: Any, edge_alive: Array) -> Array:
+  """Live edges that can carry signal from the cell inputs to the cell output (spec 3.1).
+
+  Iterated to a fixed point with static incidence matrices (jit-able): an intermediate node is
+  live iff some live edge enters it, and an edge survives only if its source node is live. For a
+  cell with a single output node (nb201) an edge must also end in a node that reaches the output.
+  Same rule as `bnas_jax.genotype.prune_disconnected`.
+
+  Args:
+    topology: a ``CellTopology`` (``num_inputs``, ``num_nodes``, ``edges``, ``concat``).
+    edge_alive: ``bool[E]``, the edges whose origin switch (and at least one op) is alive.
+
+  Returns:
+    ``bool[E]``, a subset of `edge_alive`.
+  """
+  n_nodes = topology.num_inputs + topology.num_nodes
+  src = np.zeros((len(topology.edges), n_nodes), np.float32)
+  tgt = np.zeros_like(src)
+  for i, e in enumerate(topology.edges):
+    src[i, e.source] = tgt[i, e.target] = 1.0
+  is_input = np.arange(n_nodes) < topology.num_inputs
+  live = jnp.asarray(edge_alive, bool)
+  for _ in range(topology.num_nodes):  # DAG depth <= num_nodes
+    node_live = is_input | (live.astype(jnp.float32) @ tgt > 0)
+    live = live & (src @ node_live.astype(jnp.float32) > 0)
+  if len(topology.concat) == 1:
+    reach = np.isin(np.arange(n_nodes), topology.concat)
+    reach = jnp.asarray(reach)
+    for _ in range(topology.num_nodes):
+      into_reach = live & (tgt @ reach.astype(jnp.float32) > 0)
+      reach = reach | (into_reach.astype(jnp.float32) @ src > 0)
+    live = live & (tgt @ reach.astype(jnp.float32) > 0)
+  return live
 
 
 # ------------------------------------------------------------------------------------------------

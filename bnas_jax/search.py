@@ -356,6 +356,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
   switch_lr = float(config.search.switch_lr)
   eval_batch_bn = config.search.eval_bn == "batch"
   replicated = NamedSharding(key.mesh, P())
+  space = spaces.get_space(config.space)
 
   def forward_train(params, batch_stats, switches, images):
     logits, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images,
@@ -438,7 +439,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                          prune_threshold=float(config.bayes.prune_threshold),
                          prune_mode=config.bayes.prune_mode,
                          eps_omega=float(config.bayes.eps_omega),
-                         fidelity=bool(config.bayes.fidelity))
+                         fidelity=bool(config.bayes.fidelity), cells=space.cells)
     return prior, bayes.apply_mask(switches, prior.alive)  # pruned switches exactly 0
 
   train_kw = dict(donate_argnums=(0, 1), out_shardings=(replicated, replicated))

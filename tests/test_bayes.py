@@ -526,3 +526,75 @@ def test_shape_errors_name_the_input():
     bayes.init({"normal": jnp.ones((1, 3))})
   with pytest.raises(ValueError, match="alive"):
     bayes.apply_mask(s, {"normal": np.ones((2, 3), bool)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Connectivity (update(..., cells=...)): the alive mask agrees with genotype.derive.
+
+
+def _update_cells_jit(space_name):
+  space = spaces.get_space(space_name)
+  return jax.jit(functools.partial(bayes.update, lambda_origin=1.0, lambda_op=1.0,
+                                   prune_threshold=0.01, cells=space.cells))
+
+
+def test_dead_source_node_kills_downstream_edges_bayesnas():
+  space = spaces.get_space("bayesnas")
+  e, k = space.group_shape("normal")
+  s = np.ones((2, e, k), np.float32)
+  s[:, 0, 0] = s[:, 1, 0] = 1e-5  # both edges into node 2 (n0) die by their origin switch
+  sw = {t: jnp.asarray(s) for t in space.cells}
+  h = {t: jnp.ones_like(v) for t, v in sw.items()}
+  sel_0_3 = [i for i, ed in enumerate(space.cells["normal"].edges) if ed.name == "sel_0_3"][0]
+  without = _upd(bayes.init(sw), sw, h, prune_threshold=0.01)
+  assert bool(without.alive["normal"][sel_0_3].all())  # origin -> op hierarchy alone keeps it
+  st = _update_cells_jit("bayesnas")(bayes.init(sw), sw, h)
+  np.testing.assert_array_equal(st.alive["normal"][sel_0_3], False)
+  np.testing.assert_array_equal(st.gamma["normal"][:, sel_0_3], 0.0)
+  # Every other edge of the normal cell leaves an input node and survives.
+  others = [i for i in range(e) if i not in (0, 1, sel_0_3)]
+  assert bool(np.asarray(st.alive["normal"])[others].all())
+
+
+def test_edges_that_cannot_reach_the_output_die_nb201():
+  space = spaces.get_space("nb201")
+  edges = space.cells["normal"].edges
+  idx = {(ed.source, ed.target): i for i, ed in enumerate(edges)}
+  s = np.ones((1, *space.group_shape("normal")), np.float32)
+  s[:, idx[(2, 3)], 0] = 1e-5  # node 2 no longer feeds the output node 3
+  sw = {"normal": jnp.asarray(s)}
+  st = _update_cells_jit("nb201")(bayes.init(sw), sw, {"normal": jnp.ones_like(sw["normal"])})
+  alive = np.asarray(st.alive["normal"])
+  for pair in [(0, 2), (1, 2), (2, 3)]:
+    assert not alive[idx[pair]].any(), pair
+  for pair in [(0, 1), (0, 3), (1, 3)]:
+    assert alive[idx[pair]].all(), pair
+
+
+@pytest.mark.parametrize("space_name", ["bayesnas", "darts", "nb201"])
+def test_alive_mask_after_update_matches_derive_on_random_masks(space_name):
+  from bnas_jax import genotype  # pylint: disable=import-outside-toplevel
+  space = spaces.get_space(space_name)
+  upd = _update_cells_jit(space_name)
+  rng = np.random.default_rng(0)
+  for trial in range(25):
+    p_alive = [0.3, 0.5, 0.8][trial % 3]
+    alive0 = {t: rng.random(space.group_shape(t)) < p_alive for t in space.cells}
+    sw = {t: jnp.ones((2, *space.group_shape(t)), jnp.float32) for t in space.cells}
+    st = bayes.init(sw, alive=alive0)
+    st = upd(st, sw, {t: jnp.ones_like(v) for t, v in sw.items()})
+    want = genotype.derive(space, alive0)
+    for t, topo in space.cells.items():
+      a = np.asarray(st.alive[t])
+      got = {(topo.edges[e].target, topo.edges[e].source, space.ops[i])
+             for e, i in zip(*np.nonzero(a[:, 1:] & a[:, :1]))}
+      assert got == set(want.cell(t)), (trial, t)
+      # No orphan origin switches: a live origin has a live op and vice versa.
+      np.testing.assert_array_equal(a[:, 0], a[:, 1:].any(axis=1))
+
+
+def test_update_rejects_cells_of_another_space():
+  s = _sw(np.ones((1, 3, 5)))
+  with pytest.raises(ValueError, match="edges"):
+    bayes.update(bayes.init(s), s, s, lambda_origin=1.0, lambda_op=1.0, prune_threshold=0.0,
+                 cells=spaces.get_space("bayesnas").cells)
