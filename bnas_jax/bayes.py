@@ -215,7 +215,9 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
   5. origin first: ``gamma_origin = gamma_raw[e, 0]`` (0 if the origin is dead); then each op
      ``gamma = series_variance(gamma_raw[e, k], gamma_origin[e])``;
   6. pruning: a live group dies when ``gamma < prune_threshold`` ('absolute') or
-     ``gamma < prune_threshold * max(live gamma of this cell type)`` ('relative'). A dead origin
+     ``gamma < prune_threshold * max(live gamma of the same kind in this cell type)`` ('relative';
+     origin switches against the largest live origin gamma, op switches against the largest live
+     op gamma, since the two kinds have their own lambda and scale). A dead origin
      kills every op of its edge; an origin whose ops are all dead is dead too (its edge carries
      nothing).
      Dead groups never come back and get ``gamma = 0`` exactly;
@@ -233,7 +235,8 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
     lambda_origin: regularisation strength of origin switches (> 0), spec 3.4.
     lambda_op: regularisation strength of op switches (> 0), spec 3.4 (``lambda_child``).
     prune_threshold: threshold on gamma (>= 0); 0 disables pruning (gamma is never negative).
-    prune_mode: 'absolute' or 'relative' (threshold relative to the largest live gamma of the type).
+    prune_mode: 'absolute' or 'relative' (threshold relative to the largest live gamma of the same
+      switch kind, origin or op, in the cell type).
     eps_omega: lower clamp of omega (> 0); keeps gamma_raw finite when H = 0.
     fidelity: reproduce the original's gamma* quirk in step 3 (see module docstring).
     cells: optional ``{tau: CellTopology}`` (``SearchSpace.cells``, static) enabling step 6b;
@@ -291,7 +294,13 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
     if prune_mode == "absolute":
       thr = jnp.asarray(prune_threshold, dtype)
     else:
-      thr = prune_threshold * jnp.max(jnp.where(alive_prev, g_new, 0.0))
+      # Per switch kind: origin and op gammas live on different scales (own lambda, and an op's
+      # gamma is capped by its origin's through the hierarchy).
+      live_g = jnp.where(alive_prev, g_new, 0.0)
+      kind_max = jnp.concatenate([jnp.max(live_g[:, :1], keepdims=True),
+                                  jnp.broadcast_to(jnp.max(live_g[:, 1:], keepdims=True),
+                                                   (1, live_g.shape[1] - 1))], axis=1)
+      thr = prune_threshold * kind_max  # [1, K]
     a = alive_prev & ~(g_new < thr)
     origin_alive = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
     if cells is not None:

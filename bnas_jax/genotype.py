@@ -366,7 +366,7 @@ def _fallback_cell(space, cell_type, scores: np.ndarray) -> set[Triple]:
 
 
 def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
-           scores: Mapping[str, Any] | None = None) -> Genotype:
+           scores: Mapping[str, Any] | None = None, max_ops: int = 0) -> Genotype:
   """Derives the BayesNAS cell(s) from the alive mask of the HARD prior (spec 5, 8.3 [INF]).
 
   An op survives iff its own switch and its edge's origin switch are alive; surviving ops on one
@@ -385,22 +385,39 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
     space: the search space (or its name).
     alive: ``{tau: bool[E, 1 + n_ops]}``, index 0 = origin switch (spaces.py layout).
     scores: optional ``{tau: f32[E, 1 + n_ops]}``, larger = more important (e.g. gamma); only the
-      op columns ``1:`` are used, for the empty-cell fallback.
+      op columns ``1:`` are used, for the empty-cell fallback and for `max_ops`.
+    max_ops: if > 0, at most this many ops per cell: the surviving ops with the largest scores
+      (ties: edge order, then op order), before the connectivity repair. The released BayesNAS
+      cells keep 8-13 ops per cell (spec 5, "derivation rule"); use this when the gamma threshold
+      alone leaves more. 0 keeps every surviving op.
 
   Returns:
     A `Genotype` whose cells are connected.
 
   Raises:
-    ValueError: a missing cell type or a wrongly shaped array.
+    ValueError: a missing cell type, a wrongly shaped array, a negative `max_ops`, or `max_ops`
+      without `scores`.
   """
   space = _space(space)
   alive = _check_group(space, alive, "alive", bool)
+  max_ops = _int(max_ops, "max_ops")
+  if max_ops < 0:
+    raise ValueError(f"max_ops must be >= 0 (0 = keep every surviving op), got {max_ops}")
+  if max_ops and scores is None:
+    raise ValueError("max_ops > 0 ranks the surviving ops by score: pass scores (e.g. the group "
+                     "gammas) or set max_ops=0")
   if scores is not None:
     scores = _check_group(space, scores, "scores", np.float64)
   cells, concats = {}, {}
   for cell_type, topo in space.cells.items():
     a = alive[cell_type]
     ops_alive = a[:, 1:] & a[:, :1]
+    if max_ops and ops_alive.sum() > max_ops:
+      s = np.where(ops_alive, scores[cell_type][:, 1:], -np.inf).reshape(-1)
+      keep = np.argsort(-s, kind="stable")[:max_ops]
+      capped = np.zeros(s.shape, bool)
+      capped[keep] = True
+      ops_alive = ops_alive & capped.reshape(ops_alive.shape)
     triples = {(topo.edges[e].target, topo.edges[e].source, space.ops[i])
                for e, i in zip(*np.nonzero(ops_alive))}
     triples, concat = prune_disconnected(space, cell_type, triples)

@@ -127,12 +127,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.bayes.lambda_op = 0.01
   c.bayes.curvature_scale = -1.0  # -1: = search.batch_size (the original's units, module doc)
   c.bayes.prune_threshold = 1e-3
-  c.bayes.prune_mode = "relative"  # 'absolute' | 'relative' (to the largest live gamma per type)
+  c.bayes.prune_mode = "relative"  # 'absolute' | 'relative' (to the largest live gamma of the same
+  # switch kind, origin or op, per cell type)
   c.bayes.random_init = False  # True: U(0, 1) gamma/omega as the original (spec 4.2)
   c.bayes.gamma_init = 1.0
   c.bayes.omega_init = 1.0
   c.bayes.eps_omega = bayes.EPS_OMEGA
   c.bayes.fidelity = False  # the original's gamma* quirk (spec 4.2 step 3)
+
+  c.genotype = ml_collections.ConfigDict()
+  # > 0: the exported genotype keeps at most this many surviving ops per cell, those with the
+  # largest gamma (genotype.derive max_ops; the released BayesNAS cells have 8-13). 0: every op
+  # whose group survived the gamma threshold.
+  c.genotype.max_ops = 0
 
   c.curvature = ml_collections.ConfigDict()
   c.curvature.kind = curvature_lib.DEFAULT_CURVATURE
@@ -178,6 +185,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.curvature.num_batches must be >= 1")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise ValueError("config.checkpoint.every_steps and config.log_every_steps must be >= 1")
+  if int(config.genotype.max_ops) < 0:
+    raise ValueError(f"config.genotype.max_ops={config.genotype.max_ops}; use 0 (keep every "
+                     "surviving op) or a positive cap such as 13")
   spaces.get_space(config.space)
 
 
@@ -746,7 +756,8 @@ class _Runner:
     from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
     alive = {t: np.asarray(a) for t, a in jax.device_get(prior.alive).items()}
     scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
-    return genotype_lib.derive(self.space, alive, scores)
+    return genotype_lib.derive(self.space, alive, scores,
+                               max_ops=int(self.config.genotype.max_ops))
 
   def nb201_accuracy(self, prior) -> dict[str, Any] | None:
     """NAS-Bench-201 arch string (best alive op per edge) and its table accuracy, if available."""
@@ -785,6 +796,9 @@ class _Runner:
     prior = jax.device_get(state["prior"])
     alive = {t: np.asarray(a) for t, a in prior.alive.items()}
     scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    survivors = genotype_lib.derive(self.space, alive, scores)
+    if survivors != genotype_obj:  # genotype.max_ops capped the cell: keep the uncapped one too
+      survivors.save(os.path.join(folder, "genotype_survivors.json"))
     if self.space.name == "darts":
       # DARTS-style export: top-2 input edges per node, one op each (genotype.derive_darts).
       darts_cell = genotype_lib.derive_darts(self.space, scores, alive)

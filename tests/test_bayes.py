@@ -256,13 +256,20 @@ def test_alive_only_shrinks_and_dead_stay_dead():
 
 def test_relative_pruning():
   # n = 1, H = 0 -> omega = eps_omega for all; gamma_raw = |s| / eps. Origins 4 and 1 (edges 0, 1).
-  # Ops (with origin 4): raw 4 -> 2; raw 0.5 -> 4*0.5/4.5 = 0.444. Max live gamma = 4.
+  # Ops (series with their origin): edge 0: raw 4 -> 2, raw 0.5 -> 4*0.5/4.5 = 0.444; edge 1: raw 1
+  # with origin 1 -> 0.5 and 0.5. The threshold is relative per switch kind: origins against the
+  # largest origin (4), ops against the largest op (2).
   s = np.array([[[4.0, 4.0, 0.5], [1.0, 1.0, 1.0]]])
   st = _upd(bayes.init(_sw(s)), _sw(s), _sw(np.zeros_like(s)), eps_omega=1.0,
-            prune_threshold=0.2, prune_mode="relative")
-  # threshold = 0.8: edge 0 keeps origin and op 1 (2.0), loses op 2 (0.444); edge 1: origin 1.0
-  # survives, its ops 0.5 die -> origin without ops dies.
+            prune_threshold=0.3, prune_mode="relative")
+  # Origin threshold 1.2: edge 1's origin (1.0) dies and takes its ops along. Op threshold 0.6:
+  # edge 0 keeps op 1 (2.0) and loses op 2 (0.444).
   np.testing.assert_array_equal(st.alive["normal"], [[True, True, False], [False, False, False]])
+  # At 0.2 (origin threshold 0.8, op threshold 0.4) everything survives; a threshold relative to
+  # the overall max (4 -> 0.8) would have killed every op of edge 1 and op 2 of edge 0.
+  st = _upd(bayes.init(_sw(s)), _sw(s), _sw(np.zeros_like(s)), eps_omega=1.0,
+            prune_threshold=0.2, prune_mode="relative")
+  np.testing.assert_array_equal(st.alive["normal"], np.ones((2, 3), bool))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -462,7 +469,10 @@ def _np_reference_update(gamma, s, h, alive, lam, thr, relative, eps_omega=bayes
   with np.errstate(divide="ignore"):
     g[:, 1:] = np.where(g[:, :1] > 0, 1.0 / (1.0 / raw[:, 1:] + 1.0 / g[:, :1]), 0.0)
   g = np.where(alive, g, 0.0)
-  cut = thr * g.max() if relative else thr
+  if relative:  # per switch kind: origins against the largest origin, ops against the largest op
+    cut = thr * np.concatenate([[g[:, 0].max()], np.full(g.shape[1] - 1, g[:, 1:].max())])
+  else:
+    cut = thr
   a = alive & ~(g < cut)
   a[:, 0] &= a[:, 1:].any(axis=1)
   a[:, 1:] &= a[:, :1]

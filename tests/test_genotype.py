@@ -464,3 +464,38 @@ def test_plot_writes_png_and_svg(tmp_path):
     with open(svg) as f:
       text = f.read()
     assert "<svg" in text and len(text) > 5000
+
+
+@pytest.mark.parametrize("space_name", ["bayesnas", "darts"])
+def test_derive_max_ops_keeps_the_top_scored_survivors(space_name):
+  space = spaces.get_space(space_name)
+  rng = np.random.default_rng(3)
+  for trial in range(10):
+    alive = {t: rng.random(space.group_shape(t)) < 0.8 for t in space.cells}
+    scores = {t: rng.random(space.group_shape(t)) for t in space.cells}
+    g = G.derive(space, alive, scores, max_ops=13)
+    uncapped = G.derive(space, alive, scores)
+    for t, topo in space.cells.items():
+      a, sc = alive[t], scores[t]
+      # Reference: rank the surviving (edge, op) pairs by score with plain Python, cut at 13,
+      # then the connectivity repair.
+      pairs = sorted(((sc[e, 1 + i], e, i) for e in range(len(topo.edges))
+                      for i in range(len(space.ops)) if a[e, 0] and a[e, 1 + i]),
+                     key=lambda p: -p[0])[:13]
+      top = {(topo.edges[e].target, topo.edges[e].source, space.ops[i]) for _, e, i in pairs}
+      want, _ = G.prune_disconnected(space, t, top)
+      assert set(g.cell(t)) == set(want), (trial, t)
+      assert len(g.cell(t)) <= 13
+      assert set(g.cell(t)) <= set(uncapped.cell(t))
+    _assert_connected(g)
+
+
+def test_derive_max_ops_no_effect_below_cap_and_errors():
+  space = spaces.get_space("bayesnas")
+  alive = _full(space)
+  scores = {t: np.ones(space.group_shape(t)) for t in space.cells}
+  assert G.derive(space, alive, scores, max_ops=10_000) == G.derive(space, alive)
+  with pytest.raises(ValueError, match="max_ops"):
+    G.derive(space, alive, scores, max_ops=-1)
+  with pytest.raises(ValueError, match="pass scores"):
+    G.derive(space, alive, max_ops=13)
