@@ -89,10 +89,11 @@ def test_param_counts_closed_form(c):
 # Fast primitives against lax / numpy references.
 
 
+@pytest.mark.parametrize("impl", ["shift", "scan", "patches"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dilation", [1, 2])
-def test_shift_depthwise_equals_lax_conv(k, stride, dilation):
+def test_fast_depthwise_equals_lax_conv(k, stride, dilation, impl):
   x = _x((2, 11, 12, 5))
   w = _x((k, k, 5), seed=1)
   pad = dilation * (k - 1) // 2
@@ -100,12 +101,12 @@ def test_shift_depthwise_equals_lax_conv(k, stride, dilation):
                                  rhs_dilation=(dilation, dilation),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                  feature_group_count=5)
-  fast = layers.depthwise_conv(x, w, stride=stride, padding=pad, dilation=dilation)
+  fast = layers.depthwise_conv(x, w, stride=stride, padding=pad, dilation=dilation, impl=impl)
   np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
   # Gradients (the backward pass is a different computation) agree as well.
   ct = _x(ref.shape, seed=2)
   g_fast = jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
-      a, b, stride=stride, padding=pad, dilation=dilation)), argnums=(0, 1))(x, w)
+      a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1))(x, w)
   g_ref = jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
       a, b, stride=stride, padding=pad, dilation=dilation, impl="lax")), argnums=(0, 1))(x, w)
   for a, b in zip(g_fast, g_ref):
@@ -162,6 +163,23 @@ def test_pool_semantics_match_numpy(stride):
                                atol=1e-6, err_msg=f"{family}/{name}")
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("pad_value", [-np.inf, 0.0])
+def test_max_pool_value_and_gradient_equal_reduce_window(stride, pad_value):
+  x = _x((2, 9, 8, 3)) - 0.5
+
+  def ref(a):
+    a = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
+    return lax.reduce_window(a, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), "VALID")
+
+  fast = lambda a: layers.max_pool(a, 3, stride=stride, padding=1, pad_value=pad_value)
+  np.testing.assert_array_equal(fast(x), ref(x))
+  ct = _x(ref(x).shape, seed=3)
+  g_fast = jax.grad(lambda a: jnp.sum(ct * fast(a)))(x)
+  g_ref = jax.grad(lambda a: jnp.sum(ct * ref(a)))(x)
+  np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
+
+
 def test_batchnorm_matches_flax_and_pytorch_running_update():
   x = _x((4, 5, 5, 6)) * 3 + 1
   bn = ops_lib.BatchNorm(True)
@@ -200,7 +218,7 @@ def _slice_tree(tree, g):
 def test_grouped_op_equals_single_ops(family, name, stride):
   groups, select, c = 4, (0, 2, 3), 4
   x = _x((3, 8, 8, len(select) * c))
-  # Depthwise impl 'lax' keeps this eager test fast ('shift' == 'lax' is tested above).
+  # Depthwise impl 'lax' keeps this eager test fast (the fast impls == 'lax' is tested above).
   kw = {"dw_impl": "lax"}
   grouped = ops_lib.get_op(family, name, c, stride, groups=groups, select=select, **kw)
   full = ops_lib.get_op(family, name, c, stride, groups=groups, **kw)
