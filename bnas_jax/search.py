@@ -185,6 +185,15 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.curvature.num_batches must be >= 1")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise ValueError("config.checkpoint.every_steps and config.log_every_steps must be >= 1")
+  b = config.bayes
+  if b.prune_mode not in bayes.PRUNE_MODES:
+    raise ValueError(f"config.bayes.prune_mode={b.prune_mode!r}; use one of {bayes.PRUNE_MODES}")
+  for name in ("lambda_origin", "lambda_op", "eps_omega", "gamma_init", "omega_init"):
+    if not float(b[name]) > 0:
+      raise ValueError(f"config.bayes.{name}={b[name]} must be > 0")
+  if not float(b.prune_threshold) >= 0:
+    raise ValueError(f"config.bayes.prune_threshold={b.prune_threshold} must be >= 0 (0 disables "
+                     "pruning)")
   if int(config.genotype.max_ops) < 0:
     raise ValueError(f"config.genotype.max_ops={config.genotype.max_ops}; use 0 (keep every "
                      "surviving op) or a positive cap such as 13")
@@ -201,6 +210,12 @@ def _curvature_batch_size(config) -> int:
   return int(config.search.batch_size) if b < 0 else b
 
 
+# Config fields that may change when a run resumes from its checkpoints (prefix match); any other
+# difference is refused, because it would not match the checkpointed state or its data position.
+RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
+                      "debug.", "data.data_dir", "nb201.table")
+
+
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the resolved config; warns when a resumed run's config differs from the stored one."""
   path = os.path.join(workdir, CONFIG_JSON)
@@ -212,6 +227,14 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       stored = _flatten(json.loads(old))
       new = _flatten(json.loads(text))
       diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
+      unsafe = [k for k in diff if not k.startswith(RESUME_SAFE_FIELDS)]
+      ckpt_dir = os.path.join(workdir, "checkpoints")
+      if unsafe and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise ValueError(
+            f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
+            f"differ from {path}); nothing was changed. Resume it with its own config "
+            f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
+            f"--workdir. Only {', '.join(RESUME_SAFE_FIELDS)} may change on resume.")
       logging.warning("config differs from the one stored in %s in %s; the new config is used "
                       "and stored (the old one is kept as config.previous.json)", path, diff)
       os.replace(path, os.path.join(workdir, "config.previous.json"))

@@ -219,6 +219,24 @@ def test_resume_after_kill_equals_uninterrupted(reference_run, tmp_path, cifar10
   assert os.path.exists(os.path.join(workdir, "config.previous.json"))  # config change noted
 
 
+def test_resume_with_a_different_config_is_refused_and_changes_nothing(tmp_path,
+                                                                        cifar10_subset_dir):
+  workdir = str(tmp_path)
+  config = tiny_config(cifar10_subset_dir, **{"debug.stop_after_steps": 1})
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # as if a run had stored it
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))  # ... and checkpointed
+  with open(os.path.join(workdir, "config.json")) as f:
+    stored = f.read()
+  other = tiny_config(cifar10_subset_dir, **{"model.init_channels": 8, "search.iterations": 3})
+  with pytest.raises(ValueError, match=r"different config \(model.init_channels differ.*"
+                                       r"--workdir"):
+    search.run(other, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == stored
+  assert not os.path.exists(os.path.join(workdir, "config.previous.json"))
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(reference_run, tmp_path, cifar10_subset_dir):
   del reference_run  # shares its compiled functions
   workdir = str(tmp_path)
@@ -273,6 +291,12 @@ def test_bad_config_values_are_named(tmp_path, cifar10_subset_dir):
   config = tiny_config(cifar10_subset_dir, **{"curvature.kind": "exact"})
   with pytest.raises(ValueError, match="config.curvature.kind"):
     search.run(config, str(tmp_path))
+  for field, value in (("bayes.prune_mode", "relatve"), ("bayes.lambda_op", 0.0),
+                       ("bayes.prune_threshold", -1.0), ("genotype.max_ops", -1)):
+    config = tiny_config(cifar10_subset_dir, **{field: value})
+    with pytest.raises(ValueError, match=f"config.{field}"):
+      search.run(config, str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")  # refused before the workdir is created
 
 
 def test_checkpointer_keeps_last_n_and_refuses_old_index(tmp_path):
