@@ -21,7 +21,7 @@ help: ## Show this help.
 	@echo
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
-	@echo "Variables: PYTHON=$(PYTHON) EXP=<experiments/NAME.py> VARIANT=<config variant>"
+	@echo "Variables: PYTHON=$(PYTHON) EXP=<NAME of experiments/NAME.py> VARIANT=<config variant>"
 	@echo "  WORKDIR=runs/<EXP> ARGS=<config overrides, e.g. \"--config.seed=1\">"
 	@echo "  WORKERS=$(WORKERS) (pytest-xdist workers) TEST_ARGS=<extra pytest args>"
 	@echo "  DATASET=cifar10|cifar100 DATA_DIR=<data folder> (data, data-shared)"

@@ -131,9 +131,13 @@ flags.DEFINE_enum("prev_reduce", "auto", ["auto", "conv", "factorized"],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-  model = eval_net.create_eval_net(FLAGS.genotype, dataset=FLAGS.dataset,
-                                   init_channels=FLAGS.init_channels, num_cells=FLAGS.num_cells,
-                                   prev_reduce=FLAGS.prev_reduce)
+  try:
+    model = eval_net.create_eval_net(FLAGS.genotype, dataset=FLAGS.dataset,
+                                     init_channels=FLAGS.init_channels, num_cells=FLAGS.num_cells,
+                                     prev_reduce=FLAGS.prev_reduce)
+  except (ValueError, FileNotFoundError) as e:  # bad --genotype etc.: one line, no traceback
+    print(f"bnas_jax.count: error: {e}", file=sys.stderr)
+    sys.exit(2)
   c = count(model)
   print(f"genotype: {FLAGS.genotype} ({model.family} flavour), dataset: {FLAGS.dataset}, "
         f"C={model.init_channels}, cells={model.num_cells}")

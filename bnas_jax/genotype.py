@@ -207,8 +207,18 @@ class Genotype:
 
   @classmethod
   def load(cls, path: str) -> "Genotype":
+    """Reads a genotype JSON file (as written by `save`).
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: the file is not valid genotype JSON; the message names the file.
+    """
     with open(path) as f:
-      return cls.from_json(f.read())
+      text = f.read()
+    try:
+      return cls.from_json(text)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path} is not a valid genotype JSON file: {e}") from e
 
   def __str__(self) -> str:
     parts = [f"Genotype[{self.space}]"]

@@ -182,3 +182,8 @@ def test_count_cli_prints_darts_convention():
   assert "params (without aux head): 3,349,342" in out
   assert "aux head params: 476,426" in out
   assert "multiply-adds per image:" in out
+
+
+def test_nb201_genotypes_are_refused_with_a_clear_error():
+  with pytest.raises(ValueError, match="'nb201' cell; evaluation networks are built for"):
+    eval_net.create_eval_net("nb201_best_val")

@@ -499,3 +499,10 @@ def test_derive_max_ops_no_effect_below_cap_and_errors():
     G.derive(space, alive, scores, max_ops=-1)
   with pytest.raises(ValueError, match="pass scores"):
     G.derive(space, alive, max_ops=13)
+
+
+def test_load_names_the_bad_file(tmp_path):
+  path = tmp_path / "g.json"
+  path.write_text('{"space": "darts", "normal": []}')
+  with pytest.raises(ValueError, match="g.json is not a valid genotype JSON file"):
+    G.Genotype.load(str(path))

@@ -409,12 +409,17 @@ def create_eval_net(genotype, *, dataset: str = "cifar10", num_classes: int | No
     An unbound `EvalNetwork`.
 
   Raises:
-    ValueError: on an unknown dataset / prev_reduce / drop_mode.
+    ValueError: on an unknown dataset / prev_reduce / drop_mode, or a genotype of another space
+      than darts / bayesnas.
   """
   if dataset not in DATASET_DEFAULTS:
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
   d = DATASET_DEFAULTS[dataset]
   geno, name = resolve_genotype(genotype)
+  if geno.space not in ("darts", "bayesnas"):
+    raise ValueError(f"genotype {name or genotype!r} is a {geno.space!r} cell; evaluation networks "
+                     "are built for 'darts' and 'bayesnas' genotypes only (score NAS-Bench-201 cells "
+                     "with bnas_jax.nb201 table look-ups instead)")
   if prev_reduce == "auto":
     prev_reduce = RELEASED_PREV_REDUCE.get(name or "", "conv")
   if prev_reduce not in ("conv", "factorized"):
