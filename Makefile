@@ -52,5 +52,6 @@ bench: ## Run every benchmark script in bench/ (prints throughput figures).
 data: ## Download + prepare DATASET with TFDS (array_record; needs internet and install-prepare).
 	$(PYTHON) -m bnas_jax.input_pipeline prepare --name $(DATASET) $(if $(DATA_DIR),--data_dir $(DATA_DIR))
 
-data-shared: ## Build cifar-10-batches-bin from shared/ (JPEG-derived) into DATA_DIR (default ~/.cache/bnas_jax).
+data-shared: ## Build cifar-10-batches-bin from shared/ (JPEG-derived) and the lossless subset (tiny config) into DATA_DIR (default ~/.cache/bnas_jax).
 	$(PYTHON) -m bnas_jax.input_pipeline build-shared $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+	$(PYTHON) -m bnas_jax.input_pipeline build-subset $(if $(DATA_DIR),--data_dir $(DATA_DIR))

@@ -67,6 +67,7 @@ import argparse
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import os
 import pickle
 import shutil
@@ -483,6 +484,68 @@ def build_cifar10_from_shared(parent_dir: str | None = None, shared_dir: str | N
   return out
 
 
+_SUBSET_FOLDER = 'cifar10-lossless-subset'
+_SUBSET_FILES = {  # name in shared/data/cifar10-lossless-subset -> name in the official layout.
+    'data_batch_1_first4000.bin': 'data_batch_1.bin',
+    'test_batch_first1000.bin': 'test_batch.bin',
+}
+
+
+def _sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def build_cifar10_subset_from_shared(parent_dir: str | None = None,
+                                     shared_dir: str | None = None) -> str:
+  """Copies the lossless 4,000 / 1,000 CIFAR-10 subset of shared/ into the official binary layout.
+
+  The result, ``<parent_dir>/cifar10-lossless-subset/cifar-10-batches-bin`` with
+  ``data_batch_1.bin`` (the first 4,000 training records, original pixels) and ``test_batch.bin``
+  (the first 1,000 test records), loads with ``num_train=4000, num_test=1000`` (the
+  ``experiments/tiny.py`` config). Files are checked against the subset's SHA256SUMS; the copy is
+  made under a file lock into a temporary folder and renamed into place; a complete copy is reused.
+
+  Args:
+    parent_dir: cache folder; None = `default_data_dir`.
+    shared_dir: the shared/ folder; None = `find_shared_dir`.
+
+  Returns:
+    The path of the subset's ``cifar-10-batches-bin`` folder.
+
+  Raises:
+    DatasetNotFoundError: no shared/ folder. DatasetError: a file does not match SHA256SUMS.
+  """
+  src = os.path.join(shared_dir or find_shared_dir(), 'data', _SUBSET_FOLDER)
+  parent = os.path.join(os.path.expanduser(parent_dir or default_data_dir()), _SUBSET_FOLDER)
+  out = os.path.join(parent, 'cifar-10-batches-bin')
+  os.makedirs(parent, exist_ok=True)
+  with open(os.path.join(parent, '.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    sums = {}
+    with open(os.path.join(src, 'SHA256SUMS')) as f:
+      for line in f:
+        digest, name = line.split()
+        sums[name] = digest
+    if all(os.path.isfile(os.path.join(out, dst)) and _sha256(os.path.join(out, dst)) == sums[s]
+           for s, dst in _SUBSET_FILES.items()):
+      return out
+    tmp = tempfile.mkdtemp(prefix='.build.', dir=parent)
+    try:
+      for s, dst in _SUBSET_FILES.items():
+        if _sha256(os.path.join(src, s)) != sums[s]:
+          raise DatasetError(f'{os.path.join(src, s)} does not match its SHA256SUMS entry.')
+        shutil.copyfile(os.path.join(src, s), os.path.join(tmp, dst))
+      if os.path.exists(out):
+        shutil.rmtree(out)
+      os.chmod(tmp, 0o755)
+      os.replace(tmp, out)
+    finally:
+      if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Seeded permutations and splits (host, numpy).
 # ---------------------------------------------------------------------------
@@ -794,7 +857,7 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
 
 
 # ---------------------------------------------------------------------------
-# Command line: prepare (TFDS), build-shared (local binary from shared/), check.
+# Command line: prepare (TFDS), build-shared / build-subset (local binary from shared/), check.
 # ---------------------------------------------------------------------------
 
 
@@ -809,6 +872,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   b = sub.add_parser('build-shared', help='build cifar-10-batches-bin from shared/ (JPEG-derived)')
   b.add_argument('--data_dir', default=None, help=f'parent folder (default {default_data_dir()})')
   b.add_argument('--shared', default=None, help='shared/ folder (default: found automatically)')
+  bs = sub.add_parser('build-subset', help='copy the lossless 4,000 / 1,000 subset of shared/ into '
+                      '<data_dir>/cifar10-lossless-subset/cifar-10-batches-bin (experiments/tiny.py)')
+  bs.add_argument('--data_dir', default=None, help=f'parent folder (default {default_data_dir()})')
+  bs.add_argument('--shared', default=None, help='shared/ folder (default: found automatically)')
   c = sub.add_parser('check', help='load a dataset and print a summary')
   c.add_argument('--name', default='cifar10', choices=sorted(_DATASETS))
   c.add_argument('--source', default='local', choices=['local', 'tfds'])
@@ -820,6 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_tfds(args.name, args.data_dir)
   elif args.command == 'build-shared':
     print(build_cifar10_from_shared(args.data_dir, args.shared))
+  elif args.command == 'build-subset':
+    print(build_cifar10_subset_from_shared(args.data_dir, args.shared))
   else:
     ds = load_dataset({'name': args.name, 'source': args.source, 'data_dir': args.data_dir,
                        'num_train': args.num_train, 'num_test': args.num_test})

@@ -4,7 +4,7 @@ The nb201 space (default) or the bayesnas space (``:bayesnas``) with C = 4 and 1
 (nb201) / 3 cells (bayesnas), on 8 + 8 + 8 training images of the lossless CIFAR-10 subset in
 batches of 4: 1 warm-up epoch and 2 outer iterations of 2 steps each, a checkpoint after every step.
 
-Run::
+Run (``make data-shared`` first builds the subset from ../shared/data)::
 
   python -m bnas_jax.main --config experiments/tiny.py --workdir /tmp/bnas/tiny \
       --config.data.data_dir ~/.cache/bnas_jax/cifar10-lossless-subset

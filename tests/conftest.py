@@ -21,21 +21,12 @@ JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the 
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
-import shutil
-import tempfile
 
 import jax
 import pytest
 
 from bnas_jax import input_pipeline
-
-SUBSET_FILES = {  # name in shared/ -> name in the official layout.
-    'data_batch_1_first4000.bin': 'data_batch_1.bin',
-    'test_batch_first1000.bin': 'test_batch.bin',
-}
 
 
 def _cache_dir() -> str:
@@ -68,34 +59,7 @@ def cifar10_bin_dir(data_cache_dir, shared_dir) -> str:
   return input_pipeline.build_cifar10_from_shared(data_cache_dir, shared_dir)
 
 
-def _sha256(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 @pytest.fixture(scope='session')
 def cifar10_subset_dir(data_cache_dir, shared_dir) -> str:
   """Path of the lossless 4,000/1,000 CIFAR-10 subset in the binary layout."""
-  src = os.path.join(shared_dir, 'data', 'cifar10-lossless-subset')
-  parent = os.path.join(data_cache_dir, 'cifar10-lossless-subset')
-  out = os.path.join(parent, 'cifar-10-batches-bin')
-  os.makedirs(parent, exist_ok=True)
-  with open(os.path.join(parent, '.lock'), 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    sums = {}
-    with open(os.path.join(src, 'SHA256SUMS')) as f:
-      for line in f:
-        digest, name = line.split()
-        sums[name] = digest
-    if all(os.path.isfile(os.path.join(out, dst)) and _sha256(os.path.join(out, dst)) == sums[s]
-           for s, dst in SUBSET_FILES.items()):
-      return out
-    tmp = tempfile.mkdtemp(prefix='.build.', dir=parent)
-    for s, dst in SUBSET_FILES.items():
-      if _sha256(os.path.join(src, s)) != sums[s]:
-        raise RuntimeError(f'{os.path.join(src, s)} does not match its SHA256SUMS entry.')
-      shutil.copyfile(os.path.join(src, s), os.path.join(tmp, dst))
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  return out
+  return input_pipeline.build_cifar10_subset_from_shared(data_cache_dir, shared_dir)

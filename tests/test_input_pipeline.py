@@ -253,6 +253,18 @@ def test_build_from_shared_reuses_complete_folder(cifar10_bin_dir, data_cache_di
   assert os.path.getmtime(os.path.join(cifar10_bin_dir, 'data_batch_1.bin')) == mtime
 
 
+def test_build_subset_command_copies_the_lossless_subset(tmp_path, shared_dir, capsys):
+  assert ip.main(['build-subset', '--data_dir', str(tmp_path), '--shared', shared_dir]) == 0
+  out = capsys.readouterr().out.strip()
+  assert out == str(tmp_path / 'cifar10-lossless-subset' / 'cifar-10-batches-bin')
+  ds = ip.load_local('cifar10', out, num_train=4000, num_test=1000)
+  src = os.path.join(shared_dir, 'data', 'cifar10-lossless-subset', 'data_batch_1_first4000.bin')
+  with open(src, 'rb') as f:  # the first record, byte for byte: label, then CHW pixels
+    first = np.frombuffer(f.read(3073), np.uint8)
+  assert ds.train_labels[0] == first[0]
+  np.testing.assert_array_equal(ds.train_images[0], first[1:].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
 def test_check_command(cifar10_subset_dir, capsys):
   assert ip.main(['check', '--data_dir', cifar10_subset_dir, '--num_train', '4000',
                   '--num_test', '1000']) == 0
