@@ -2,7 +2,8 @@
 
 For each chosen configuration it prints: number of weights (params incl. BN affine, excluding BN
 running statistics), number of switches, compile time of the jitted step, median step time
-(forward + backward + SGD update of weights and switches, train-mode BN), and peak RSS.
+(forward + backward + SGD update of weights and switches, train-mode BN), XLA's temporary buffer
+size for the step (activation memory) and peak RSS.
 
 Usage:
   python bench/bench_supernet.py                      # the CPU search configs
@@ -79,6 +80,8 @@ def run_config(name: str, steps: int, dw_impl: str) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(params, switches, batch_stats, opt_state, images, labels).compile()
   compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  temp_gb = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
   times = []
   state = (params, switches, batch_stats, opt_state)
   for _ in range(steps):
@@ -89,6 +92,7 @@ def run_config(name: str, steps: int, dw_impl: str) -> dict:
     state = out[:4]
   return {
       "config": f"{name} ({space}, C={c}, cells={n}, batch={b}, dw={dw_impl})",
+      "temp_gb": temp_gb,
       "weights": _count(params),
       "switches": _count(switches),
       "init_s": init_s,
@@ -123,7 +127,8 @@ def main(argv=None):
     r = run_config(nm, args.steps, args.dw_impl)
     print(f"{r['config']}: weights={r['weights']:,} switches={r['switches']} "
           f"init={r['init_s']:.1f}s compile={r['compile_s']:.1f}s step_median={r['step_median_s']:.3f}s "
-          f"(min {r['step_min_s']:.3f}s) loss={r['loss']:.3f} peak_rss={r['peak_rss_gb']:.2f}GB",
+          f"(min {r['step_min_s']:.3f}s) loss={r['loss']:.3f} xla_temp={r['temp_gb']:.2f}GB "
+          f"peak_rss={r['peak_rss_gb']:.2f}GB",
           flush=True)
 
 
