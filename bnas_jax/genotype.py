@@ -170,6 +170,9 @@ class Genotype:
     Raises:
       ValueError: missing fields or an unsupported ``format_version``.
     """
+    if not isinstance(d, Mapping):
+      raise ValueError(f"a genotype JSON must be an object with the fields space, normal, reduce, "
+                       f"normal_concat, reduce_concat; got a {type(d).__name__}")
     version = d.get("format_version")
     if version != FORMAT_VERSION:
       raise ValueError(f"unsupported genotype format_version {version!r} "
@@ -199,6 +202,9 @@ class Genotype:
       with os.fdopen(fd, "w") as f:
         f.write(self.to_json())
         f.write("\n")
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
       os.replace(tmp, path)
     except BaseException:
       if os.path.exists(tmp):
@@ -228,7 +234,8 @@ class Genotype:
         nodes[target].append(f"{'+'.join(ops)}({_node_label(self.space, source)})")
       body = "; ".join(f"{_node_label(self.space, t)} <- {' + '.join(v)}"
                        for t, v in sorted(nodes.items())) or "(empty)"
-      parts.append(f"  {cell_type}: {body}; out = {list(self.concat(cell_type))}")
+      outs = ", ".join(_node_label(self.space, n) for n in self.concat(cell_type))
+      parts.append(f"  {cell_type}: {body}; out = [{outs}]")
     return "\n".join(parts)
 
 
@@ -375,6 +382,29 @@ def _fallback_cell(space, cell_type, scores: np.ndarray) -> set[Triple]:
   return kept
 
 
+def _cap_ops(topo: spaces.CellTopology, ops_alive: np.ndarray, scores: np.ndarray,
+             max_ops: int) -> np.ndarray:
+  """At most `max_ops` of the alive ops ``bool[E, n_ops]``, greedily by score, kept connected.
+
+  Repeatedly adds the best-scored remaining op whose source is a cell input or a node that
+  already has a kept input (ties: edge order, then op order), so no kept op hangs off a dropped
+  node and the cap is reached whenever enough connected ops survive.
+  """
+  order = np.argsort(-np.where(ops_alive, scores, -np.inf).reshape(-1), kind="stable")
+  order = [int(i) for i in order if ops_alive.reshape(-1)[i]]
+  n_ops = ops_alive.shape[1]
+  kept = np.zeros_like(ops_alive)
+  live = set(range(topo.num_inputs))
+  while kept.sum() < max_ops:
+    pick = next((i for i in order if topo.edges[i // n_ops].source in live), None)
+    if pick is None:
+      break
+    order.remove(pick)
+    kept[pick // n_ops, pick % n_ops] = True
+    live.add(topo.edges[pick // n_ops].target)
+  return kept
+
+
 def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
            scores: Mapping[str, Any] | None = None, max_ops: int = 0) -> Genotype:
   """Derives the BayesNAS cell(s) from the alive mask of the HARD prior (spec 5, 8.3 [INF]).
@@ -396,10 +426,12 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
     alive: ``{tau: bool[E, 1 + n_ops]}``, index 0 = origin switch (spaces.py layout).
     scores: optional ``{tau: f32[E, 1 + n_ops]}``, larger = more important (e.g. gamma); only the
       op columns ``1:`` are used, for the empty-cell fallback and for `max_ops`.
-    max_ops: if > 0, at most this many ops per cell: the surviving ops with the largest scores
-      (ties: edge order, then op order), before the connectivity repair. The released BayesNAS
-      cells keep 8-13 ops per cell (spec 5, "derivation rule"); use this when the gamma threshold
-      alone leaves more. 0 keeps every surviving op.
+    max_ops: if > 0, at most this many ops per cell, chosen greedily among the survivors: the
+      best-scored op whose source node is already connected (a cell input or a node with a kept
+      input) is added until `max_ops` ops are kept (ties: edge order, then op order). The
+      released BayesNAS cells keep 8-13 ops per cell (spec 5, "derivation rule"); use this when
+      the gamma threshold alone leaves more. 0 keeps every surviving op. For single-output cells
+      (nb201) use `derive_nb201` instead.
 
   Returns:
     A `Genotype` whose cells are connected.
@@ -423,11 +455,7 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
     a = alive[cell_type]
     ops_alive = a[:, 1:] & a[:, :1]
     if max_ops and ops_alive.sum() > max_ops:
-      s = np.where(ops_alive, scores[cell_type][:, 1:], -np.inf).reshape(-1)
-      keep = np.argsort(-s, kind="stable")[:max_ops]
-      capped = np.zeros(s.shape, bool)
-      capped[keep] = True
-      ops_alive = ops_alive & capped.reshape(ops_alive.shape)
+      ops_alive = _cap_ops(topo, ops_alive, scores[cell_type][:, 1:], max_ops)
     triples = {(topo.edges[e].target, topo.edges[e].source, space.ops[i])
                for e, i in zip(*np.nonzero(ops_alive))}
     triples, concat = prune_disconnected(space, cell_type, triples)

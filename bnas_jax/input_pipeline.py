@@ -459,6 +459,10 @@ def build_cifar10_from_shared(parent_dir: str | None = None, shared_dir: str | N
   Raises:
     DatasetNotFoundError: no shared/ folder. DatasetError: the build script failed.
   """
+  script = os.path.join(shared_dir or find_shared_dir(), _SHARED_BUILD_SCRIPT)
+  if not os.path.isfile(script):
+    raise DatasetNotFoundError(f'{script} does not exist: pass the shared/ folder that holds '
+                               f'{_SHARED_BUILD_SCRIPT!r} (or set $BNAS_SHARED)')
   parent_dir = os.path.expanduser(parent_dir or default_data_dir())
   out = os.path.join(parent_dir, 'cifar-10-batches-bin')
   os.makedirs(parent_dir, exist_ok=True)
@@ -466,7 +470,6 @@ def build_cifar10_from_shared(parent_dir: str | None = None, shared_dir: str | N
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _is_complete_cifar10_bin(out):
       return out
-    script = os.path.join(shared_dir or find_shared_dir(), _SHARED_BUILD_SCRIPT)
     tmp = tempfile.mkdtemp(prefix='.cifar-10-batches-bin.', dir=parent_dir)
     try:
       result = subprocess.run([sys.executable, script, tmp], capture_output=True, text=True,
@@ -517,6 +520,9 @@ def build_cifar10_subset_from_shared(parent_dir: str | None = None,
     DatasetNotFoundError: no shared/ folder. DatasetError: a file does not match SHA256SUMS.
   """
   src = os.path.join(shared_dir or find_shared_dir(), 'data', _SUBSET_FOLDER)
+  if not os.path.isfile(os.path.join(src, 'SHA256SUMS')):
+    raise DatasetNotFoundError(f'{src}/SHA256SUMS does not exist: pass the shared/ folder that '
+                               f'holds data/{_SUBSET_FOLDER} (or set $BNAS_SHARED)')
   parent = os.path.join(os.path.expanduser(parent_dir or default_data_dir()), _SUBSET_FOLDER)
   out = os.path.join(parent, 'cifar-10-batches-bin')
   os.makedirs(parent, exist_ok=True)
@@ -883,6 +889,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   c.add_argument('--num_train', type=int, default=_OFFICIAL_COUNTS['train'])
   c.add_argument('--num_test', type=int, default=_OFFICIAL_COUNTS['test'])
   args = parser.parse_args(argv)
+  try:
+    return _run_command(args)
+  except (DatasetError, FileNotFoundError) as e:  # bad input, named in the message
+    print(f'python -m bnas_jax.input_pipeline {args.command}: error: {e}', file=sys.stderr)
+    return 2
+
+
+def _run_command(args) -> int:
   if args.command == 'prepare':
     prepare_tfds(args.name, args.data_dir)
   elif args.command == 'build-shared':

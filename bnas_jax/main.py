@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -29,6 +30,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from bnas_jax import errors
 from bnas_jax import xla_flags
 
 FLAGS = flags.FLAGS
@@ -79,7 +81,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
-  config = FLAGS.config if FLAGS.config is not None else load_config_from_workdir(workdir)
+  try:
+    config = FLAGS.config if FLAGS.config is not None else load_config_from_workdir(workdir)
+  except FileNotFoundError as e:
+    _exit_with_error(e)
 
   distributed = FLAGS.distributed
   if distributed is None:
@@ -94,7 +99,15 @@ def main(argv):
   logging.info("JAX process %d / %d; local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())
-  get_runner(config.mode)(config, workdir)
+  try:
+    get_runner(config.mode)(config, workdir)
+  except errors.ConfigError as e:  # bad input, named in the message: no traceback
+    _exit_with_error(e)
+
+
+def _exit_with_error(e: Exception) -> None:
+  print(f"bnas_jax.main: error: {e}", file=sys.stderr)
+  sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ import optax
 from bnas_jax import bayes
 from bnas_jax import checkpointing
 from bnas_jax import curvature as curvature_lib
+from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
 from bnas_jax.search_space import spaces
@@ -166,38 +167,50 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming a bad config value and the fix."""
+  """Raises `errors.ConfigError` (a ValueError) naming a bad config value and the fix."""
   s = config.search
   if s.eval_bn not in ("batch", "running"):
-    raise ValueError(f"config.search.eval_bn={s.eval_bn!r}; use 'batch' or 'running'")
+    raise errors.ConfigError(f"config.search.eval_bn={s.eval_bn!r}; use 'batch' or 'running'")
   if s.penalty_mode not in PENALTY_MODES:
-    raise ValueError(f"config.search.penalty_mode={s.penalty_mode!r}; use one of {PENALTY_MODES}")
+    raise errors.ConfigError(f"config.search.penalty_mode={s.penalty_mode!r}; use one of "
+                             f"{PENALTY_MODES}")
   if s.iterations < 0 or s.warmup_epochs < 0:
-    raise ValueError("config.search.iterations and config.search.warmup_epochs must be >= 0")
+    raise errors.ConfigError(
+        "config.search.iterations and config.search.warmup_epochs must be >= 0")
   for name in ("warmup", "search", "val"):
     if name not in config.data.splits or int(config.data.splits[name]) <= 0:
-      raise ValueError(f"config.data.splits needs a positive {name!r} size, got "
-                       f"{dict(config.data.splits)}")
+      raise errors.ConfigError(f"config.data.splits needs a positive {name!r} size, got "
+                               f"{dict(config.data.splits)}")
   if config.curvature.kind not in curvature_lib.CURVATURE_FNS:
-    raise ValueError(f"config.curvature.kind={config.curvature.kind!r}; choose one of "
-                     f"{sorted(curvature_lib.CURVATURE_FNS)}")
+    raise errors.ConfigError(f"config.curvature.kind={config.curvature.kind!r}; choose one of "
+                             f"{sorted(curvature_lib.CURVATURE_FNS)}")
   if config.curvature.num_batches < 1:
-    raise ValueError("config.curvature.num_batches must be >= 1")
+    raise errors.ConfigError("config.curvature.num_batches must be >= 1")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
-    raise ValueError("config.checkpoint.every_steps and config.log_every_steps must be >= 1")
+    raise errors.ConfigError(
+        "config.checkpoint.every_steps and config.log_every_steps must be >= 1")
   b = config.bayes
   if b.prune_mode not in bayes.PRUNE_MODES:
-    raise ValueError(f"config.bayes.prune_mode={b.prune_mode!r}; use one of {bayes.PRUNE_MODES}")
+    raise errors.ConfigError(
+        f"config.bayes.prune_mode={b.prune_mode!r}; use one of {bayes.PRUNE_MODES}")
   for name in ("lambda_origin", "lambda_op", "eps_omega", "gamma_init", "omega_init"):
     if not float(b[name]) > 0:
-      raise ValueError(f"config.bayes.{name}={b[name]} must be > 0")
+      raise errors.ConfigError(f"config.bayes.{name}={b[name]} must be > 0")
   if not float(b.prune_threshold) >= 0:
-    raise ValueError(f"config.bayes.prune_threshold={b.prune_threshold} must be >= 0 (0 disables "
-                     "pruning)")
+    raise errors.ConfigError(
+        f"config.bayes.prune_threshold={b.prune_threshold} must be >= 0 (0 disables pruning)")
   if int(config.genotype.max_ops) < 0:
-    raise ValueError(f"config.genotype.max_ops={config.genotype.max_ops}; use 0 (keep every "
-                     "surviving op) or a positive cap such as 13")
-  spaces.get_space(config.space)
+    raise errors.ConfigError(
+        f"config.genotype.max_ops={config.genotype.max_ops}; use 0 (keep every surviving op) or "
+        "a positive cap such as 13")
+  if int(config.genotype.max_ops) and config.space == "nb201":
+    raise errors.ConfigError(
+        "config.genotype.max_ops applies to the bayesnas and darts spaces; the nb201 search "
+        "exports one op per edge by gamma (nb201_arch.txt): set it to 0")
+  try:
+    spaces.get_space(config.space)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.space: {e}") from None
 
 
 def _curvature_scale(config) -> float:
@@ -230,7 +243,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       unsafe = [k for k in diff if not k.startswith(RESUME_SAFE_FIELDS)]
       ckpt_dir = os.path.join(workdir, "checkpoints")
       if unsafe and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise ValueError(
+        raise errors.ConfigError(
             f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
             f"differ from {path}); nothing was changed. Resume it with its own config "
             f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
@@ -864,6 +877,9 @@ class _Runner:
     c = self.config
     state, pos = self.restore_or_init()
     T = int(c.search.iterations)
+    if pos.phase == PHASE_DONE and pos.iteration < T:  # resumed with a larger T: search on
+      logging.info("extending a finished search from %d to %d iterations", pos.iteration, T)
+      pos = _Position(PHASE_SEARCH, pos.iteration + 1, 0, 0, pos.global_step)
     while pos.phase != PHASE_DONE:
       if pos.phase == PHASE_WARMUP and pos.epoch >= int(c.search.warmup_epochs):
         pos = _Position(PHASE_SEARCH if T > 0 else PHASE_DONE, 1 if T > 0 else 0, 0, 0,

@@ -1,7 +1,7 @@
 """Shared pytest fixtures and JAX settings for the bnas_jax tests.
 
 Real data (session fixtures, built once per machine into a cache OUTSIDE the repository and
-outside shared/: ``$BNAS_DATA_CACHE``, default ``~/.cache/bnas_jax``):
+outside shared/: ``$BNAS_DATA_CACHE``, else ``$BNAS_DATA_DIR``, default ``~/.cache/bnas_jax``):
 
 * ``cifar10_bin_dir``: the full CIFAR-10 binary layout (``cifar-10-batches-bin``: 50,000 train /
   10,000 test, JPEG-derived pixels, exact labels), built from
@@ -30,7 +30,8 @@ from bnas_jax import input_pipeline
 
 
 def _cache_dir() -> str:
-  path = os.path.expanduser(os.environ.get('BNAS_DATA_CACHE') or input_pipeline.DEFAULT_CACHE)
+  path = os.path.expanduser(os.environ.get('BNAS_DATA_CACHE') or os.environ.get('BNAS_DATA_DIR')
+                            or input_pipeline.DEFAULT_CACHE)
   os.makedirs(path, exist_ok=True)
   return path
 
@@ -43,7 +44,7 @@ def pytest_configure(config):  # pylint: disable=unused-argument
 
 @pytest.fixture(scope='session')
 def data_cache_dir() -> str:
-  """The per-machine data cache (``$BNAS_DATA_CACHE`` or ``~/.cache/bnas_jax``)."""
+  """The per-machine data cache (``$BNAS_DATA_CACHE``, ``$BNAS_DATA_DIR`` or ``~/.cache/bnas_jax``)."""
   return _cache_dir()
 
 

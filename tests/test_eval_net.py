@@ -187,3 +187,12 @@ def test_count_cli_prints_darts_convention():
 def test_nb201_genotypes_are_refused_with_a_clear_error():
   with pytest.raises(ValueError, match="'nb201' cell; evaluation networks are built for"):
     eval_net.create_eval_net("nb201_best_val")
+
+
+def test_empty_cell_genotype_is_refused_with_a_clear_error():
+  from bnas_jax import genotype as genotype_lib  # pylint: disable=import-outside-toplevel
+  g = genotype_lib.get_genotype("darts_v2")
+  empty = genotype_lib.Genotype(space="darts", normal=g.normal, normal_concat=g.normal_concat,
+                                reduce=(), reduce_concat=())
+  with pytest.raises(ValueError, match="reduce cell of this darts genotype is empty"):
+    eval_net.create_eval_net(empty)

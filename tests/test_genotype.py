@@ -466,27 +466,44 @@ def test_plot_writes_png_and_svg(tmp_path):
     assert "<svg" in text and len(text) > 5000
 
 
+def _greedy_reference(space, cell_type, survivors, scores, k):
+  """Plain-Python restatement of the max_ops rule: best-scored op whose source is connected."""
+  topo = space.cells[cell_type]
+  ranked = sorted(survivors, key=lambda tr: (-scores[tr], tr[3], tr[4]))
+  kept, live = [], set(range(topo.num_inputs))
+  while len(kept) < k:
+    for tr in ranked:
+      if tr not in kept and tr[1] in live:
+        kept.append(tr)
+        live.add(tr[0])
+        break
+    else:
+      break
+  return {tr[:3] for tr in kept}
+
+
 @pytest.mark.parametrize("space_name", ["bayesnas", "darts"])
-def test_derive_max_ops_keeps_the_top_scored_survivors(space_name):
+@pytest.mark.parametrize("k", [3, 13])
+def test_derive_max_ops_keeps_the_best_connected_survivors(space_name, k):
   space = spaces.get_space(space_name)
   rng = np.random.default_rng(3)
   for trial in range(10):
     alive = {t: rng.random(space.group_shape(t)) < 0.8 for t in space.cells}
     scores = {t: rng.random(space.group_shape(t)) for t in space.cells}
-    g = G.derive(space, alive, scores, max_ops=13)
+    g = G.derive(space, alive, scores, max_ops=k)
     uncapped = G.derive(space, alive, scores)
     for t, topo in space.cells.items():
       a, sc = alive[t], scores[t]
-      # Reference: rank the surviving (edge, op) pairs by score with plain Python, cut at 13,
-      # then the connectivity repair.
-      pairs = sorted(((sc[e, 1 + i], e, i) for e in range(len(topo.edges))
-                      for i in range(len(space.ops)) if a[e, 0] and a[e, 1 + i]),
-                     key=lambda p: -p[0])[:13]
-      top = {(topo.edges[e].target, topo.edges[e].source, space.ops[i]) for _, e, i in pairs}
-      want, _ = G.prune_disconnected(space, t, top)
-      assert set(g.cell(t)) == set(want), (trial, t)
-      assert len(g.cell(t)) <= 13
-      assert set(g.cell(t)) <= set(uncapped.cell(t))
+      survivors = [(topo.edges[e].target, topo.edges[e].source, space.ops[i], e, i)
+                   for e in range(len(topo.edges)) for i in range(len(space.ops))
+                   if a[e, 0] and a[e, 1 + i]]
+      score = {tr: sc[tr[3], 1 + tr[4]] for tr in survivors}
+      got = set(g.cell(t))
+      assert got == _greedy_reference(space, t, survivors, score, k), (trial, t)
+      # As many ops as the cap allows: the connected survivors are all reachable greedily.
+      assert len(got) == min(k, len(uncapped.cell(t))), (trial, t)
+      assert got <= set(uncapped.cell(t))
+      assert set(G.prune_disconnected(space, t, got)[0]) == got  # nothing hangs off a dead node
     _assert_connected(g)
 
 
@@ -506,3 +523,13 @@ def test_load_names_the_bad_file(tmp_path):
   path.write_text('{"space": "darts", "normal": []}')
   with pytest.raises(ValueError, match="g.json is not a valid genotype JSON file"):
     G.Genotype.load(str(path))
+
+
+def test_from_json_rejects_a_non_object_and_save_uses_the_usual_mode(tmp_path):
+  with pytest.raises(ValueError, match="must be an object"):
+    G.Genotype.from_json("[1, 2]")
+  path = tmp_path / "g.json"
+  G.get_genotype("darts_v2").save(str(path))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

@@ -265,6 +265,14 @@ def test_build_subset_command_copies_the_lossless_subset(tmp_path, shared_dir, c
   np.testing.assert_array_equal(ds.train_images[0], first[1:].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
+def test_build_commands_with_a_bogus_shared_folder_fail_cleanly(tmp_path, capsys):
+  for command in ('build-subset', 'build-shared'):
+    assert ip.main([command, '--data_dir', str(tmp_path / 'data'),
+                    '--shared', str(tmp_path / 'nope')]) == 2
+    assert 'does not exist' in capsys.readouterr().err
+  assert not (tmp_path / 'data').exists()  # no lock files or folders left behind
+
+
 def test_check_command(cifar10_subset_dir, capsys):
   assert ip.main(['check', '--data_dir', cifar10_subset_dir, '--num_train', '4000',
                   '--num_test', '1000']) == 0

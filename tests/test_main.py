@@ -80,6 +80,19 @@ def test_misspelt_override_fails_naming_the_field(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))  # failed before running
 
 
+def test_bad_config_value_is_one_line_on_stderr(tmp_path):
+  workdir = tmp_path / "never"
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 "--config.bayes.prune_mode=relatve")
+  assert proc.returncode == 2
+  assert "bnas_jax.main: error: config.bayes.prune_mode='relatve'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+  proc = run_cli(f"--workdir={tmp_path / 'empty'}")  # no --config and no stored config
+  assert proc.returncode == 2 and "pass --config" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_get_runner_dispatch():
   assert main_lib.get_runner("search") is search.run
   from bnas_jax import train_eval  # pylint: disable=g-import-not-at-top

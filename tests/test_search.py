@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -217,6 +218,21 @@ def test_resume_after_kill_equals_uninterrupted(reference_run, tmp_path, cifar10
   assert_same_result(result, final)
   assert [h["val_accuracy"] for h in final.history] == [h["val_accuracy"] for h in result.history]
   assert os.path.exists(os.path.join(workdir, "config.previous.json"))  # config change noted
+
+
+def test_finished_run_extended_to_more_iterations_equals_a_longer_run(reference_run, tmp_path,
+                                                                       cifar10_subset_dir):
+  _, workdir = reference_run
+  extended_dir = str(tmp_path / "extended")
+  shutil.copytree(workdir, extended_dir)
+  three = {"search.iterations": 3}
+  extended = search.run(tiny_config(cifar10_subset_dir, **three), extended_dir)
+  longer = search.run(tiny_config(cifar10_subset_dir, **three), str(tmp_path / "longer"))
+  assert extended.completed and len(extended.history) == 3
+  assert extended.global_step == longer.global_step == 8
+  assert_same_result(longer, extended)
+  assert ([h["val_accuracy"] for h in extended.history]
+          == [h["val_accuracy"] for h in longer.history])
 
 
 def test_resume_with_a_different_config_is_refused_and_changes_nothing(tmp_path,

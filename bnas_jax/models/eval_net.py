@@ -420,6 +420,7 @@ def create_eval_net(genotype, *, dataset: str = "cifar10", num_classes: int | No
     raise ValueError(f"genotype {name or genotype!r} is a {geno.space!r} cell; evaluation networks "
                      "are built for 'darts' and 'bayesnas' genotypes only (score NAS-Bench-201 cells "
                      "with bnas_jax.nb201 table look-ups instead)")
+  geno.check_buildable()  # an empty cell (every op pruned) has no channels
   if prev_reduce == "auto":
     prev_reduce = RELEASED_PREV_REDUCE.get(name or "", "conv")
   if prev_reduce not in ("conv", "factorized"):
