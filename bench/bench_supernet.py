@@ -109,7 +109,8 @@ def main(argv=None):
   p.add_argument("--configs", default="cpu",
                  help="comma list of %s, or 'cpu' (default), 'official', 'all'" % sorted(CONFIGS))
   p.add_argument("--steps", type=int, default=10, help="timed steps per config (after compile)")
-  p.add_argument("--dw_impl", default="shift", choices=("shift", "scan", "patches", "lax"))
+  p.add_argument("--dw_impl", default="shift_vjp",
+                 choices=("shift", "shift_vjp", "scan", "patches", "lax"))
   p.add_argument("--cache_dir", default="",
                  help="persistent compilation cache (bnas_jax.xla_flags.configure_cpu); default "
                       "off, so that compile times are measured cold")

@@ -487,6 +487,11 @@ def get_curvature_fn(name: str) -> Callable[..., PyTree]:
                      f"{sorted(CURVATURE_FNS)}") from None
 
 
+# Estimators built from reverse-mode products only (per-example VJPs); the others use jvp /
+# linearize and need every op of the network to support forward-mode AD.
+REVERSE_MODE_KINDS = ("ggn_fast", "fisher")
+
+
 def make_curvature_fn(name: str, apply_fn: ApplyFn, *, jit: bool = True,
                       **opts) -> Callable[[PyTree, PyTree, Batch, jax.Array | None], PyTree]:
   """A closure ``(switches, variables, batch, key=None) -> diag`` of estimator `name` with `opts`.

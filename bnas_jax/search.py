@@ -100,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.init_channels = 36  # C (spec 2.4: 36; DARTS search uses 16)
   c.model.num_cells = 8  # bayesnas/darts: cells; nb201: cells per stage (see create_supernet)
+  # Depthwise convs (bnas_jax.models.layers.depthwise_conv): 'shift_vjp' is the fastest to train
+  # and compile on CPU; 'shift' also supports forward-mode AD; 'lax' is the reference.
+  c.model.dw_impl = "shift_vjp"
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
@@ -470,8 +473,16 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
     return {"nll": acc["nll"] + jnp.sum(nll), "correct": acc["correct"] + jnp.sum(correct),
             "count": acc["count"] + jnp.sum(weights)}
 
+  # 'shift_vjp' depthwise convs have a custom VJP and no forward mode: the curvature variants that
+  # use jvp / linearize get the same network with plain 'shift' convs (identical values).
+  curv_model = model
+  if (getattr(model, "dw_impl", "shift") == "shift_vjp"
+      and config.curvature.kind not in curvature_lib.REVERSE_MODE_KINDS):
+    curv_model = model.clone(dw_impl="shift")
+
   def apply_fn(variables, switches, images):
-    logits, _ = model.apply(variables, images, switches, train=True, mutable=["batch_stats"])
+    logits, _ = curv_model.apply(variables, images, switches, train=True,
+                                 mutable=["batch_stats"])
     return logits
 
   opts = {}

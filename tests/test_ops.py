@@ -89,7 +89,7 @@ def test_param_counts_closed_form(c):
 # Fast primitives against lax / numpy references.
 
 
-@pytest.mark.parametrize("impl", ["shift", "scan", "patches"])
+@pytest.mark.parametrize("impl", ["shift", "shift_vjp", "scan", "patches"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dilation", [1, 2])

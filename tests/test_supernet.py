@@ -136,3 +136,31 @@ def test_per_example_switches_equal_shared(tiny):
   per_ex = {t: jnp.broadcast_to(s, (B, *s.shape)) for t, s in sw.items()}
   np.testing.assert_allclose(fwd(variables, per_ex, images), fwd(variables, sw, images),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_shift_vjp_supernet_equals_lax_in_values_grads_and_ggn_fast(tiny):
+  # The runner trains with 'shift_vjp' depthwise convs (custom VJP) and computes the default
+  # ggn_fast curvature (per-example VJPs) through them; both must equal the lax reference.
+  from bnas_jax import curvature  # pylint: disable=import-outside-toplevel
+  sp, model, images, sw, variables, _ = tiny
+  fast = sn.create_supernet(sp, C0, N_CELLS, 10, dw_impl="shift_vjp")
+  labels = jnp.arange(B) % 10
+
+  def apply_fn(m):
+    return lambda v, s, x: m.apply(v, x, s, train=True, mutable=["batch_stats"])[0]
+
+  def loss(m, params, s):
+    logits = apply_fn(m)({**variables, "params": params}, s, images)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(B), labels])
+
+  ref = jax.jit(jax.grad(lambda p, s: loss(model, p, s), argnums=(0, 1)))(variables["params"], sw)
+  got = jax.jit(jax.grad(lambda p, s: loss(fast, p, s), argnums=(0, 1)))(variables["params"], sw)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  batch = {"image": images, "label": labels}
+  h_ref = jax.jit(lambda s: curvature.ggn_fast(apply_fn(model), s, variables, batch))(sw)
+  h_got = jax.jit(lambda s: curvature.ggn_fast(apply_fn(fast), s, variables, batch))(sw)
+  for t in sw:
+    np.testing.assert_allclose(h_got[t], h_ref[t], rtol=1e-3, atol=1e-6)
+  with pytest.raises(TypeError, match="custom_vjp"):  # hence the runner's 'shift' curvature net
+    jax.jvp(lambda s: apply_fn(fast)(variables, s, images), (sw,), (sw,))

@@ -235,7 +235,9 @@ class Supernet(nn.Module):
     num_cells: total cells (bayesnas/darts) or cells per stage (nb201).
     num_classes: classifier outputs.
     alive: static `spaces.FrozenMask` or None (everything alive).
-    dw_impl: depthwise implementation, ``'shift'`` (fast) or ``'lax'`` (reference).
+    dw_impl: depthwise implementation (`bnas_jax.models.layers.depthwise_conv`): ``'shift'``
+      (every AD mode), ``'shift_vjp'`` (fastest training step; reverse mode only) or ``'lax'``
+      (reference).
   """
   space: str
   init_channels: int

@@ -171,7 +171,8 @@ class DepthwiseConv(_Grouped):
   """Grouped depthwise k x k convolution (``groups=C``, no bias); kernel ``[groups, k, k, C]``.
 
   Attributes:
-    impl: ``'shift'`` (fast on CPU), ``'scan'`` or ``'lax'`` (``feature_group_count``), see
+    impl: ``'shift_vjp'`` (fastest to train on CPU; reverse-mode AD only), ``'shift'``,
+      ``'scan'``, ``'patches'`` or ``'lax'`` (``feature_group_count``), see
       `bnas_jax.models.layers.depthwise_conv`.
   """
   kernel_size: int
