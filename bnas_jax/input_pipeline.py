@@ -64,6 +64,7 @@ split sizes that do not fit, batch size not divisible by the device count) raise
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -470,21 +471,29 @@ def build_cifar10_from_shared(parent_dir: str | None = None, shared_dir: str | N
     fcntl.flock(lock, fcntl.LOCK_EX)
     if _is_complete_cifar10_bin(out):
       return out
-    tmp = tempfile.mkdtemp(prefix='.cifar-10-batches-bin.', dir=parent_dir)
-    try:
+    with _build_into(out, '.cifar-10-batches-bin.') as tmp:
       result = subprocess.run([sys.executable, script, tmp], capture_output=True, text=True,
                               check=False)
       if result.returncode or not _is_complete_cifar10_bin(tmp):
         raise DatasetError(f'{script} {tmp} failed (exit {result.returncode}): '
                            f'{result.stderr[-2000:]}')
-      if os.path.exists(out):  # An incomplete leftover.
-        shutil.rmtree(out)
-      os.chmod(tmp, 0o755)
-      os.replace(tmp, out)
-    finally:
-      if os.path.exists(tmp):
-        shutil.rmtree(tmp)
   return out
+
+
+@contextlib.contextmanager
+def _build_into(out: str, prefix: str):
+  """Yields a fresh temporary folder beside `out`; when the block succeeds, it atomically replaces
+  `out` (an incomplete leftover included). The temporary folder never outlives the block."""
+  tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(out))
+  try:
+    yield tmp
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
 
 
 _SUBSET_FOLDER = 'cifar10-lossless-subset'
@@ -536,19 +545,11 @@ def build_cifar10_subset_from_shared(parent_dir: str | None = None,
     if all(os.path.isfile(os.path.join(out, dst)) and _sha256(os.path.join(out, dst)) == sums[s]
            for s, dst in _SUBSET_FILES.items()):
       return out
-    tmp = tempfile.mkdtemp(prefix='.build.', dir=parent)
-    try:
+    with _build_into(out, '.build.') as tmp:
       for s, dst in _SUBSET_FILES.items():
         if _sha256(os.path.join(src, s)) != sums[s]:
           raise DatasetError(f'{os.path.join(src, s)} does not match its SHA256SUMS entry.')
         shutil.copyfile(os.path.join(src, s), os.path.join(tmp, dst))
-      if os.path.exists(out):
-        shutil.rmtree(out)
-      os.chmod(tmp, 0o755)
-      os.replace(tmp, out)
-    finally:
-      if os.path.exists(tmp):
-        shutil.rmtree(tmp)
   return out
 
 
