@@ -53,6 +53,9 @@ RUNNERS = {"search": "bnas_jax.search", "train": "bnas_jax.train_eval"}
 def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """Reads back the resolved config of an earlier run (``<workdir>/config.json``), locked.
 
+  The stored values are laid over the runner's `default_config()`, so a workdir written by an
+  older version resumes with the defaults of fields added since.
+
   Raises:
     FileNotFoundError: if the workdir holds no config.json (then pass --config).
   """
@@ -61,7 +64,14 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"--config not given and {path} does not exist: pass --config "
                             "experiments/<name>.py to start a new run")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+  # Fields added to the runner's defaults after the run started take their default values.
+  runner = importlib.import_module(RUNNERS.get(stored.get("mode", "search"), RUNNERS["search"]))
+  config = runner.default_config() if hasattr(runner, "default_config") else None
+  if config is None:
+    config = ml_collections.ConfigDict(stored)
+  else:
+    config.update(stored)
   config.lock()
   return config
 

@@ -243,7 +243,8 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       stored = _flatten(json.loads(old))
       new = _flatten(json.loads(text))
       diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
-      unsafe = [k for k in diff if not k.startswith(RESUME_SAFE_FIELDS)]
+      # Fields absent from the stored config were added to bnas_jax after that run started.
+      unsafe = [k for k in diff if k in stored and not k.startswith(RESUME_SAFE_FIELDS)]
       ckpt_dir = os.path.join(workdir, "checkpoints")
       if unsafe and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise errors.ConfigError(

@@ -93,6 +93,19 @@ def test_bad_config_value_is_one_line_on_stderr(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_stored_config_of_an_older_version_gets_new_defaults(tmp_path):
+  config = load_experiment("tiny").get_config()
+  old = json.loads(config.to_json_best_effort())
+  del old["genotype"], old["model"]["dw_impl"]  # fields added after such a run started
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  loaded = main_lib.load_config_from_workdir(str(tmp_path))
+  assert loaded.genotype.max_ops == 0 and loaded.model.dw_impl == "shift_vjp"
+  assert loaded.space == config.space and loaded.data.splits.search == 8
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # resuming with the new fields is allowed
+  search._write_config(config, str(tmp_path))  # pylint: disable=protected-access
+  assert json.loads((tmp_path / "config.json").read_text())["genotype"]["max_ops"] == 0
+
+
 def test_get_runner_dispatch():
   assert main_lib.get_runner("search") is search.run
   from bnas_jax import train_eval  # pylint: disable=g-import-not-at-top
