@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from bnas_jax import errors
+from bnas_jax import input_pipeline
 from bnas_jax import xla_flags
 
 FLAGS = flags.FLAGS
@@ -111,7 +112,7 @@ def main(argv):
   logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())
   try:
     get_runner(config.mode)(config, workdir)
-  except errors.ConfigError as e:  # bad input, named in the message: no traceback
+  except (errors.ConfigError, input_pipeline.DatasetError) as e:  # bad input, named: no traceback
     _exit_with_error(e)
 
 

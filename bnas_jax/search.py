@@ -140,9 +140,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.bayes.fidelity = False  # the original's gamma* quirk (spec 4.2 step 3)
 
   c.genotype = ml_collections.ConfigDict()
-  # > 0: the exported genotype keeps at most this many surviving ops per cell, those with the
-  # largest gamma (genotype.derive max_ops; the released BayesNAS cells have 8-13). 0: every op
-  # whose group survived the gamma threshold.
+  # > 0: the exported genotype keeps at most this many surviving ops per cell, taken greedily by
+  # gamma among ops whose source is connected (genotype.derive max_ops; the released BayesNAS
+  # cells have 8-13). 0: every op whose group survived the gamma threshold. bayesnas/darts only.
   c.genotype.max_ops = 0
 
   c.curvature = ml_collections.ConfigDict()

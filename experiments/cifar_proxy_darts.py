@@ -13,17 +13,7 @@ Run::
 Variants: ``cpu`` (C = 8, 5 cells, 500/2,000/500 images, T = 2).
 """
 
-import importlib.util
-import os
-
-
-def _proxy_module():
-  """experiments/cifar_proxy.py, loaded by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar_proxy.py")
-  spec = importlib.util.spec_from_file_location("bnas_experiments_cifar_proxy", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from bnas_jax import config_files
 
 
 def get_config(arg=None):
@@ -34,7 +24,7 @@ def get_config(arg=None):
   """
   if arg not in (None, "", "cpu"):
     raise ValueError(f"unknown variant {arg!r} of experiments/cifar_proxy_darts.py; use '' or 'cpu'")
-  config = _proxy_module().get_config(arg)
+  config = config_files.load_sibling(__file__, "cifar_proxy").get_config(arg)
   config.space = "darts"
   if arg in (None, ""):
     config.model.init_channels = 16

@@ -11,19 +11,9 @@ Run::
 Variants: ``cpu``.
 """
 
-import importlib.util
-import os
-
-
-def _nb201_cifar10():
-  # Config files are loaded by path (not as a package): import the sibling file the same way.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nb201_cifar10.py")
-  spec = importlib.util.spec_from_file_location("_bnas_nb201_cifar10_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from bnas_jax import config_files
 
 
 def get_config(arg=None):
   """NB201-space search config on CIFAR-100; `arg` selects a variant (None or 'cpu')."""
-  return _nb201_cifar10().nb201_config("cifar100", arg)
+  return config_files.load_sibling(__file__, "nb201_cifar10").nb201_config("cifar100", arg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import ml_collections
 import pytest
 
+from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import main as main_lib
 from bnas_jax import search
@@ -21,11 +21,7 @@ SEARCH_EXPERIMENTS = ("cifar_proxy", "cifar_proxy_darts", "nb201_cifar10", "nb20
 
 
 def load_experiment(name: str):
-  path = os.path.join(REPO, "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_experiment_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_files.load(os.path.join(REPO, "experiments", f"{name}.py"))
 
 
 def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600):
@@ -157,3 +153,8 @@ def test_cli_run_then_resume_from_workdir_alone(tmp_path, cifar10_subset_dir):
   with open(os.path.join(workdir, "genotype.json")) as f:
     assert json.load(f) == first
   assert isinstance(stored, ml_collections.ConfigDict)
+
+
+def test_config_files_load_names_a_missing_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.py does not exist"):
+    config_files.load_sibling(str(tmp_path / "x.py"), "nope")

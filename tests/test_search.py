@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from bnas_jax import checkpointing
+from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import search
@@ -42,15 +43,7 @@ TWO_DEVICE_OVERRIDES = {"search.warmup_epochs": 0, "search.iterations": 1}
 
 def tiny_config(data_dir: str, **overrides):
   """The experiments/tiny.py config pointed at the lossless subset, with dotted overrides."""
-  sys.path.insert(0, REPO)
-  try:
-    import importlib.util  # pylint: disable=g-import-not-at-top
-    spec = importlib.util.spec_from_file_location("_tiny_config", TINY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(REPO)
-  config = module.get_config()
+  config = config_files.load(TINY).get_config()
   config.data.data_dir = data_dir
   for dotted, value in overrides.items():
     node = config

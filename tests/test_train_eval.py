@@ -7,7 +7,6 @@ ends with exactly the test loss of an uninterrupted run); the files a run must l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import os
 import numpy as np
 import pytest
 
+from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import train_eval
@@ -33,11 +33,7 @@ TINY = genotype_lib.Genotype(
 
 
 def _load_experiment(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
-                                                                    f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return config_files.load(os.path.join(REPO, "experiments", f"{name}.py"))
 
 
 def _tiny_config(data_dir: str, genotype_path: str):

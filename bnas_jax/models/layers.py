@@ -113,11 +113,7 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0
   if impl != "shift":
     raise ValueError(f"unknown depthwise impl {impl!r}; use 'shift_vjp', 'shift', 'scan', "
                      "'patches' or 'lax'")
-  out = None
-  for (i, j), sl in _window_slices(x, k, stride, padding, dilation):
-    term = sl * kernel[i, j]
-    out = term if out is None else out + term
-  return out
+  return _depthwise_shift(x, kernel, stride, padding, dilation)
 
 
 def _depthwise_shift(x, kernel, stride, padding, dilation):
