@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from bnas_jax import xla_flags
+from bnas_jax.models import layers
 from bnas_jax.models import supernet as supernet_lib
 
 # name -> (space, init_channels, num_cells, batch)
@@ -91,7 +92,7 @@ def run_config(name: str, steps: int, dw_impl: str) -> dict:
     times.append(time.perf_counter() - t0)
     state = out[:4]
   return {
-      "config": f"{name} ({space}, C={c}, cells={n}, batch={b}, dw={dw_impl})",
+      "config": f"{name} ({space}, C={c}, cells={n}, batch={b}, dw={model.dw_impl})",
       "temp_gb": temp_gb,
       "weights": _count(params),
       "switches": _count(switches),
@@ -109,14 +110,14 @@ def main(argv=None):
   p.add_argument("--configs", default="cpu",
                  help="comma list of %s, or 'cpu' (default), 'official', 'all'" % sorted(CONFIGS))
   p.add_argument("--steps", type=int, default=10, help="timed steps per config (after compile)")
-  p.add_argument("--dw_impl", default="shift_vjp",
-                 choices=("shift", "shift_vjp", "scan", "patches", "lax"))
+  p.add_argument("--dw_impl", default="auto", choices=layers.DW_IMPLS,
+                 help="depthwise implementation; 'auto' = shift_vjp on CPU, lax on GPU/TPU")
   p.add_argument("--cache_dir", default="",
-                 help="persistent compilation cache (bnas_jax.xla_flags.configure_cpu); default "
+                 help="persistent compilation cache (bnas_jax.xla_flags.configure_cache); default "
                       "off, so that compile times are measured cold")
   args = p.parse_args(argv)
   if args.cache_dir:
-    xla_flags.configure_cpu(args.cache_dir)
+    xla_flags.configure_cache(args.cache_dir)
   names = {"cpu": list(CPU_CONFIGS), "official": ["bayesnas_official", "darts_official"],
            "all": list(CONFIGS)}.get(args.configs, args.configs.split(","))
   for nm in names:

@@ -103,10 +103,11 @@ def main(argv):
   if distributed:
     jax.distributed.initialize()  # cluster detection from the environment (SLURM, TPU pods, ...)
 
-  if jax.default_backend() == "cpu" and not jax.config.values.get("jax_compilation_cache_dir"):
-    # Compilation dominates CPU runs; the persistent cache makes a resumed run (or a rerun with the
-    # same pruning masks) skip it. --jax_compilation_cache_dir overrides the location.
-    logging.info("persistent compilation cache: %s", xla_flags.configure_cpu())
+  if not jax.config.values.get("jax_compilation_cache_dir"):
+    # Compilation takes minutes on CPU and GPU alike; the persistent cache makes a resumed run (or
+    # a rerun with the same pruning masks) skip it. --jax_compilation_cache_dir overrides the
+    # location, BNAS_JAX_CACHE_DIR='' turns it off.
+    logging.info("persistent compilation cache: %s", xla_flags.configure_cache() or "off")
   logging.info("JAX process %d / %d; local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())

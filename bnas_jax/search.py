@@ -65,6 +65,7 @@ from bnas_jax import curvature as curvature_lib
 from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
+from bnas_jax.models import layers
 from bnas_jax.search_space import spaces
 
 PHASE_WARMUP = "warmup"
@@ -100,9 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.init_channels = 36  # C (spec 2.4: 36; DARTS search uses 16)
   c.model.num_cells = 8  # bayesnas/darts: cells; nb201: cells per stage (see create_supernet)
-  # Depthwise convs (bnas_jax.models.layers.depthwise_conv): 'shift_vjp' is the fastest to train
-  # and compile on CPU; 'shift' also supports forward-mode AD; 'lax' is the reference.
-  c.model.dw_impl = "shift_vjp"
+  # Depthwise convs (bnas_jax.models.layers.depthwise_conv): 'auto' = 'shift_vjp' on CPU (fastest
+  # step and compile there) and 'lax' on GPU/TPU (fastest on an H200); 'shift' also supports
+  # forward-mode AD. All compute the same function, so it may change when a run is resumed.
+  c.model.dw_impl = "auto"
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
@@ -189,6 +191,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                              f"{sorted(curvature_lib.CURVATURE_FNS)}")
   if config.curvature.num_batches < 1:
     raise errors.ConfigError("config.curvature.num_batches must be >= 1")
+  if config.model.get("dw_impl", "auto") not in layers.DW_IMPLS:
+    raise errors.ConfigError(f"config.model.dw_impl={config.model.dw_impl!r}; use one of "
+                             f"{', '.join(layers.DW_IMPLS)} ('auto' picks the fastest for the "
+                             "backend)")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise errors.ConfigError(
         "config.checkpoint.every_steps and config.log_every_steps must be >= 1")
@@ -229,7 +235,7 @@ def _curvature_batch_size(config) -> int:
 # Config fields that may change when a run resumes from its checkpoints (prefix match); any other
 # difference is refused, because it would not match the checkpointed state or its data position.
 RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
-                      "debug.", "data.data_dir", "nb201.table")
+                      "debug.", "data.data_dir", "nb201.table", "model.dw_impl")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -370,7 +376,11 @@ class _StaticKey:
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-  """The jitted functions of one alive mask (compiled once, reused for every epoch)."""
+  """The jitted functions of one alive mask (compiled once, reused for every epoch).
+
+  `warmup_step` and `search_step` are `train_step` with its phase flag bound (one program).
+  """
+  train_step: Any
   warmup_step: Any
   search_step: Any
   eval_step: Any
@@ -413,25 +423,15 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                                   switches, train=True, mutable=["batch_stats"])
     return logits, mutated.get("batch_stats", {})
 
-  def warmup_step(state, acc, batch):
-    ones = jax.tree.map(jnp.ones_like, state["switches"])  # frozen at 1 (spec 5 step 1)
+  def train_step(state, acc, batch, update_switches):
+    """One SGD step; `update_switches` (bool[], traced) selects the phase at run time.
 
-    def loss_fn(params):
-      logits, new_bs = forward_train(params, state["batch_stats"], ones, batch["image"])
-      nll, correct = _nll_and_correct(logits, batch["label"])
-      return jnp.mean(nll), (new_bs, jnp.sum(correct))
-
-    (loss, (new_bs, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_w = tx_w.update(grads, state["opt_w"], state["params"])
-    new = dict(state, params=optax.apply_updates(state["params"], updates), opt_w=opt_w,
-               batch_stats=_merge_collection(state["batch_stats"], new_bs),
-               step=state["step"] + 1)
-    acc = _acc_update(acc, loss=loss, nll=loss, penalty=0.0, correct=correct,
-                      count=float(batch["label"].shape[0]), grad_norm=optax.tree.norm(grads),
-                      switch_grad_norm=jnp.zeros(()), step=state["step"])
-    return new, acc
-
-  def search_step(state, acc, batch):
+    False = the warm-up step (spec 5 step 1): the switches stay at 1 (they are never trained
+    before the warm-up ends, so ``state['switches']`` is all ones) and are not updated, their
+    optimizer state is kept, the logged loss is the NLL. True = the search step: NLL + penalty,
+    weights and switches updated. One compiled program serves both phases (one compilation less
+    per run: minutes for the official supernet on CPU or GPU).
+    """
     prior = state["prior"]
 
     def loss_fn(params, switches):
@@ -441,7 +441,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
       pen = (jnp.zeros(()) if proximal else bayes.penalty(switches, prior, lam_o, lam_op))
       return nll + pen, (nll, pen, new_bs, jnp.sum(correct))
 
-    (loss, (nll, pen, new_bs, correct)), (g_w, g_s) = jax.value_and_grad(
+    (_, (nll, pen, new_bs, correct)), (g_w, g_s) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state["params"], state["switches"])
     upd_w, opt_w = tx_w.update(g_w, state["opt_w"], state["params"])
     upd_s, opt_s = tx_s.update(g_s, state["opt_s"], state["switches"], alive=prior.alive)
@@ -449,15 +449,20 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
     if proximal:
       switches = bayes.prox_group_l1(switches, prior, lam_o, lam_op, switch_lr)
       pen = bayes.penalty(switches, prior, lam_o, lam_op)
-      loss = nll + pen
     switches = bayes.apply_mask(switches, prior.alive)
+    keep = lambda new, old: jax.tree.map(  # pylint: disable=g-long-lambda
+        lambda n, o: jnp.where(update_switches, n, o), new, old)
+    switches = keep(switches, state["switches"])
+    opt_s = keep(opt_s, state["opt_s"])
+    pen = jnp.where(update_switches, pen, 0.0)
     new = dict(state, params=optax.apply_updates(state["params"], upd_w), opt_w=opt_w,
                switches=switches, opt_s=opt_s,
                batch_stats=_merge_collection(state["batch_stats"], new_bs),
                step=state["step"] + 1)
-    acc = _acc_update(acc, loss=loss, nll=nll, penalty=pen, correct=correct,
+    acc = _acc_update(acc, loss=nll + pen, nll=nll, penalty=pen, correct=correct,
                       count=float(batch["label"].shape[0]), grad_norm=optax.tree.norm(g_w),
-                      switch_grad_norm=optax.tree.norm(g_s), step=state["step"])
+                      switch_grad_norm=jnp.where(update_switches, optax.tree.norm(g_s), 0.0),
+                      step=state["step"])
     return new, acc
 
   def eval_step(state, acc, batch):
@@ -500,10 +505,11 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                          fidelity=bool(config.bayes.fidelity), cells=space.cells)
     return prior, bayes.apply_mask(switches, prior.alive)  # pruned switches exactly 0
 
-  train_kw = dict(donate_argnums=(0, 1), out_shardings=(replicated, replicated))
+  train_step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(replicated, replicated))
   return StepFns(
-      warmup_step=jax.jit(warmup_step, **train_kw),
-      search_step=jax.jit(search_step, **train_kw),
+      train_step=train_step,
+      warmup_step=lambda state, acc, batch: train_step(state, acc, batch, False),
+      search_step=lambda state, acc, batch: train_step(state, acc, batch, True),
       eval_step=jax.jit(eval_step, donate_argnums=(1,), out_shardings=replicated),
       curvature_fn=curvature_fn,
       prior_update=jax.jit(prior_update, out_shardings=replicated))

@@ -70,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.auxiliary = True
   c.model.prev_reduce = "auto"  # BayesNAS cells: 'auto' | 'conv' | 'factorized'
   c.model.drop_mode = ""  # '' = flavour default (DARTS cells: 'path'; BayesNAS: 'channel')
+  # Depthwise convs: 'auto' = 'shift_vjp' on CPU, 'lax' on GPU/TPU (the fastest measured step);
+  # every choice computes the same function (bnas_jax.models.layers.depthwise_conv).
+  c.model.dw_impl = "auto"
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, num_test, seed, cutout
   c.data.cutout = 16
@@ -114,7 +117,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> eval_ne
   return eval_net.create_eval_net(
       config.genotype, dataset=dataset, num_classes=num_classes,
       init_channels=int(m.init_channels), num_cells=int(m.num_cells),
-      auxiliary=bool(m.auxiliary), prev_reduce=m.prev_reduce, drop_mode=m.drop_mode or None)
+      auxiliary=bool(m.auxiliary), prev_reduce=m.prev_reduce, drop_mode=m.drop_mode or None,
+      dw_impl=m.get("dw_impl", "auto"))
 
 
 def learning_rate_fn(t: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:

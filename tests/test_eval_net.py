@@ -20,6 +20,7 @@ from bnas_jax import checkpointing
 from bnas_jax import count as count_lib
 from bnas_jax import genotype as genotype_lib
 from bnas_jax.models import eval_net
+from bnas_jax.models import layers
 
 # reference_numbers.md: CIFAR evaluation network, C = 36, 20 cells, without the aux head.
 REFERENCE_PARAMS = {
@@ -116,6 +117,20 @@ def tiny():
     return logits, aux, new["batch_stats"]
 
   return model, images, variables, eval_apply, train_apply
+
+
+def test_depthwise_impls_give_the_same_eval_net(tiny):
+  """'auto' (shift_vjp on CPU) and 'lax' build the same parameters and the same function."""
+  model, images, variables, _, train_apply = tiny
+  assert model.dw_impl == layers.resolve_dw_impl("auto")
+  ref = model.clone(dw_impl="lax")
+  p = jax.tree.map(jnp.shape, jax.eval_shape(
+      lambda: ref.init({"params": jax.random.key(0)}, images, train=False))["params"])
+  assert p == jax.tree.map(jnp.shape, variables["params"])
+  logits, _, _ = train_apply(variables, images, 0.0, jax.random.key(1))
+  (ref_logits, _), _ = ref.apply(variables, images, train=True, drop_prob=0.0,
+                                 rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_eval_mode_is_deterministic_without_drop_path(tiny):

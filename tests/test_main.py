@@ -95,7 +95,7 @@ def test_stored_config_of_an_older_version_gets_new_defaults(tmp_path):
   del old["genotype"], old["model"]["dw_impl"]  # fields added after such a run started
   (tmp_path / "config.json").write_text(json.dumps(old))
   loaded = main_lib.load_config_from_workdir(str(tmp_path))
-  assert loaded.genotype.max_ops == 0 and loaded.model.dw_impl == "shift_vjp"
+  assert loaded.genotype.max_ops == 0 and loaded.model.dw_impl == "auto"
   assert loaded.space == config.space and loaded.data.splits.search == 8
   (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # resuming with the new fields is allowed
   search._write_config(config, str(tmp_path))  # pylint: disable=protected-access

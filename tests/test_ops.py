@@ -89,7 +89,19 @@ def test_param_counts_closed_form(c):
 # Fast primitives against lax / numpy references.
 
 
-@pytest.mark.parametrize("impl", ["shift", "shift_vjp", "scan", "patches"])
+def test_auto_depthwise_impl_is_shift_vjp_on_cpu_and_lax_on_accelerators():
+  assert layers.resolve_dw_impl("auto", "cpu") == "shift_vjp"
+  assert layers.resolve_dw_impl("auto", "gpu") == "lax"
+  assert layers.resolve_dw_impl("auto", "tpu") == "lax"
+  for impl in layers.DW_IMPLS[1:]:
+    assert layers.resolve_dw_impl(impl, "gpu") == impl
+  with pytest.raises(ValueError, match="unknown depthwise impl 'shfit'.*auto"):
+    layers.resolve_dw_impl("shfit")
+  with pytest.raises(ValueError, match="unknown depthwise impl"):
+    layers.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3)), impl="cudnn")
+
+
+@pytest.mark.parametrize("impl", ["shift", "shift_vjp", "scan", "patches", "auto"])
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dilation", [1, 2])

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -182,11 +183,66 @@ def test_step_functions_compiled_once_per_mask(reference_run, cifar10_subset_dir
   pruned = search._build_step_fns(
       search._static_key(config, 10, spaces.freeze_mask(result.alive), mesh))
   assert full is not pruned
-  for fns, used in ((full, ("warmup_step", "search_step", "eval_step", "curvature_fn",
-                            "prior_update")),
-                    (pruned, ("search_step", "eval_step", "curvature_fn", "prior_update"))):
-    for name in used:
+  # The warm-up and the search epochs ran one train_step program (its phase flag is traced).
+  for fns in (full, pruned):
+    for name in ("train_step", "eval_step", "curvature_fn", "prior_update"):
       assert getattr(fns, name)._cache_size() == 1, name
+
+
+def _one_step_inputs(config, mesh):
+  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
+  counts = supernet.cell_counts(config.space, config.model.num_cells)
+  shapes = spaces.get_space(config.space).switch_shapes(counts)
+  state = jax.jit(lambda k: search.init_state(config, 10, shapes, k))(search._init_key(3))
+  k1, k2 = jax.random.split(jax.random.key(5))
+  batch = {"image": jax.random.normal(k1, (4, 32, 32, 3)),
+           "label": jax.random.randint(k2, (4,), 0, 10)}
+  # Placed as the runner places them, so that the module's compiled train_step is reused.
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return (jax.device_put(state, repl), jax.device_put(batch, input_pipeline.batch_sharding(mesh)),
+          lambda: jax.device_put(search.new_train_acc(), repl))
+
+
+def test_warmup_phase_is_a_weights_only_sgd_step_on_the_nll(cifar10_subset_dir):
+  """train_step(update_switches=False) against the warm-up step written out: switches frozen at 1,
+  SGD + weight decay on the mean NLL, switch optimizer state untouched."""
+  import optax  # pylint: disable=g-import-not-at-top
+  config = tiny_config(cifar10_subset_dir)
+  mesh = input_pipeline.make_mesh()
+  fns = search._build_step_fns(search._static_key(config, 10, None, mesh))
+  state, batch, new_acc = _one_step_inputs(config, mesh)
+  model = search.create_model(config, 10)
+
+  def nll(params):
+    ones = jax.tree.map(jnp.ones_like, state["switches"])
+    logits, _ = model.apply({"params": params, "batch_stats": state["batch_stats"]},
+                            batch["image"], ones, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  s = config.search
+  tx = optax.chain(optax.add_decayed_weights(float(s.weight_decay)),
+                   optax.sgd(float(s.lr), momentum=float(s.momentum)))
+  loss, grads = jax.value_and_grad(nll)(state["params"])
+  upd, _ = tx.update(grads, tx.init(state["params"]), state["params"])
+  want = optax.apply_updates(state["params"], upd)
+
+  copy = lambda tree: jax.tree.map(jnp.array, tree)  # the step donates its inputs
+  new, acc = fns.warmup_step(copy(state), new_acc(), batch)
+  for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves((new["switches"], new["opt_s"])),
+                  jax.tree.leaves((state["switches"], state["opt_s"]))):
+    np.testing.assert_array_equal(a, b)
+  assert all(np.all(np.asarray(x) == 1.0) for x in jax.tree.leaves(new["switches"]))
+  np.testing.assert_allclose(acc["loss"], loss, rtol=1e-5)
+  assert float(acc["penalty"]) == 0.0 and float(acc["switch_grad_norm"]) == 0.0
+
+  # The search phase of the same program moves the switches and adds the penalty to the loss.
+  new, acc = fns.search_step(copy(state), new_acc(), batch)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new["switches"]),
+                                                      jax.tree.leaves(state["switches"])))
+  assert float(acc["penalty"]) > 0.0
+  np.testing.assert_allclose(acc["loss"], loss + acc["penalty"], rtol=1e-5)
 
 
 def test_same_seed_same_result(reference_run, tmp_path, cifar10_subset_dir):
@@ -301,7 +357,8 @@ def test_bad_config_values_are_named(tmp_path, cifar10_subset_dir):
   with pytest.raises(ValueError, match="config.curvature.kind"):
     search.run(config, str(tmp_path))
   for field, value in (("bayes.prune_mode", "relatve"), ("bayes.lambda_op", 0.0),
-                       ("bayes.prune_threshold", -1.0), ("genotype.max_ops", -1)):
+                       ("bayes.prune_threshold", -1.0), ("genotype.max_ops", -1),
+                       ("model.dw_impl", "cudnn")):
     config = tiny_config(cifar10_subset_dir, **{field: value})
     with pytest.raises(ValueError, match=f"config.{field}"):
       search.run(config, str(tmp_path / "never"))

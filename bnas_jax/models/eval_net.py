@@ -165,13 +165,13 @@ def _preprocess(family: str, channels: int, reduce: bool, prev_reduce: str,
 # Cells.
 
 
-def _make_op(family: str, name: str, channels: int, stride: int) -> nn.Module:
+def _make_op(family: str, name: str, channels: int, stride: int, dw_impl: str) -> nn.Module:
   try:
     factory = ops_lib.OPS[family][name]
   except KeyError:
     known = sorted(ops_lib.OPS.get(family, {}))
     raise ValueError(f"genotype op {name!r} is not in OPS[{family!r}] (known: {known})") from None
-  return factory(channels, stride)
+  return factory(channels, stride, dw_impl=dw_impl)
 
 
 class _Edge(nn.Module):
@@ -181,10 +181,11 @@ class _Edge(nn.Module):
   channels: int
   stride: int
   drop_mode: str  # 'path' | 'channel' | 'none'
+  dw_impl: str = "shift"
 
   @nn.compact
   def __call__(self, x, *, train: bool, drop_prob):
-    y = _make_op(self.family, self.op, self.channels, self.stride)(x, train=train)
+    y = _make_op(self.family, self.op, self.channels, self.stride, self.dw_impl)(x, train=train)
     is_identity = self.op in ("skip_connect", "ident") and self.stride == 1
     if train and drop_prob is not None and self.drop_mode != "none":
       if self.drop_mode == "path" and not is_identity:  # DARTS: identity is never dropped
@@ -206,6 +207,8 @@ class Cell(nn.Module):
     prev_reduce: how c_{k-2} is brought to c_{k-1}'s resolution when it is twice as large
       ('darts' flavour: always FactorizedReduce; bayesnas: 'conv' or 'factorized').
     drop_mode: 'path' (DARTS), 'channel' (BayesNAS) or 'none'.
+    dw_impl: depthwise implementation of the separable / dilated convs
+      (`bnas_jax.models.layers.depthwise_conv`).
   """
   edges: tuple[tuple[int, int, str], ...]
   concat: tuple[int, ...]
@@ -214,6 +217,7 @@ class Cell(nn.Module):
   reduction: bool
   prev_reduce: str = "conv"
   drop_mode: str = "path"
+  dw_impl: str = "shift"
 
   @nn.compact
   def __call__(self, s0, s1, *, train: bool, drop_prob=None):
@@ -233,7 +237,8 @@ class Cell(nn.Module):
         if source not in states:
           raise ValueError(f"edge ({t}, {source}, {op!r}) reads node {source} before it is computed")
         stride = 2 if (self.reduction and source < 2) else 1
-        y = _Edge(self.family, op, c, stride, self.drop_mode, name=f"edge_{t}_{source}_{op}")(
+        y = _Edge(self.family, op, c, stride, self.drop_mode, self.dw_impl,
+                  name=f"edge_{t}_{source}_{op}")(
             states[source], train=train, drop_prob=drop_prob)
         total = y if total is None else total + y
       states[target] = total
@@ -290,6 +295,8 @@ class EvalNetwork(nn.Module):
     prev_reduce: BayesNAS flavour only: 'conv' or 'factorized' (see `CReduct`).
     drop_mode: 'path', 'channel' or 'none'; None = the flavour's default (darts: 'path',
       bayesnas: 'channel').
+    dw_impl: depthwise implementation (`bnas_jax.models.layers.depthwise_conv`; the same
+      function for every choice).
   """
   genotype: Any
   num_classes: int = 10
@@ -299,6 +306,7 @@ class EvalNetwork(nn.Module):
   auxiliary: bool = True
   prev_reduce: str = "conv"
   drop_mode: str | None = None
+  dw_impl: str = "shift"
 
   @property
   def family(self) -> str:
@@ -361,7 +369,7 @@ class EvalNetwork(nn.Module):
       cell = Cell(edges=tuple(g.reduce if reduction else g.normal),
                   concat=tuple(g.reduce_concat if reduction else g.normal_concat),
                   family=family, channels=c, reduction=reduction, prev_reduce=self.prev_reduce,
-                  drop_mode=drop_mode, name=f"cell_{i}")
+                  drop_mode=drop_mode, dw_impl=self.dw_impl, name=f"cell_{i}")
       s0, s1 = s1, cell(s0, s1, train=train, drop_prob=drop_prob)
       if self.auxiliary and i == reductions[1] and (train or self.is_initializing()):
         head = AuxiliaryHeadCIFAR if self.stem == "cifar" else AuxiliaryHeadImageNet
@@ -393,7 +401,7 @@ def resolve_genotype(genotype) -> tuple[Any, str | None]:
 def create_eval_net(genotype, *, dataset: str = "cifar10", num_classes: int | None = None,
                     init_channels: int | None = None, num_cells: int | None = None,
                     auxiliary: bool = True, prev_reduce: str = "auto",
-                    drop_mode: str | None = None) -> EvalNetwork:
+                    drop_mode: str | None = None, dw_impl: str = "auto") -> EvalNetwork:
   """Builds the evaluation network for `genotype` in the setting of `dataset`.
 
   Args:
@@ -404,13 +412,15 @@ def create_eval_net(genotype, *, dataset: str = "cifar10", num_classes: int | No
     prev_reduce: 'auto' (the released model's choice: 'factorized' for bayesnas_0.005, else
       'conv'), 'conv' or 'factorized'. Only used by the BayesNAS flavour.
     drop_mode: None (flavour default), 'path', 'channel' or 'none'.
+    dw_impl: depthwise implementation; 'auto' (`layers.resolve_dw_impl`) is the fastest training
+      step for the default backend ('shift_vjp' on CPU, 'lax' on GPU/TPU).
 
   Returns:
     An unbound `EvalNetwork`.
 
   Raises:
-    ValueError: on an unknown dataset / prev_reduce / drop_mode, or a genotype of another space
-      than darts / bayesnas.
+    ValueError: on an unknown dataset / prev_reduce / drop_mode / dw_impl, or a genotype of
+      another space than darts / bayesnas.
   """
   if dataset not in DATASET_DEFAULTS:
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
@@ -432,7 +442,8 @@ def create_eval_net(genotype, *, dataset: str = "cifar10", num_classes: int | No
       num_classes=num_classes or d["num_classes"],
       init_channels=init_channels or d["init_channels"],
       num_cells=num_cells or d["num_cells"],
-      stem=d["stem"], auxiliary=auxiliary, prev_reduce=prev_reduce, drop_mode=drop_mode)
+      stem=d["stem"], auxiliary=auxiliary, prev_reduce=prev_reduce, drop_mode=drop_mode,
+      dw_impl=layers.resolve_dw_impl(dw_impl))
 
 
 def image_size_for(model: EvalNetwork) -> int:

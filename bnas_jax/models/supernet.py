@@ -236,8 +236,8 @@ class Supernet(nn.Module):
     num_classes: classifier outputs.
     alive: static `spaces.FrozenMask` or None (everything alive).
     dw_impl: depthwise implementation (`bnas_jax.models.layers.depthwise_conv`): ``'shift'``
-      (every AD mode), ``'shift_vjp'`` (fastest training step; reverse mode only) or ``'lax'``
-      (reference).
+      (every AD mode), ``'shift_vjp'`` (fastest training step on CPU; reverse mode only) or
+      ``'lax'`` (reference; fastest on GPU).
   """
   space: str
   init_channels: int
@@ -311,7 +311,8 @@ class Supernet(nn.Module):
 def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, num_cells: int,
                     num_classes: int, alive: Optional[spaces.FrozenMask] = None,
                     **kw) -> Supernet:
-  """Builds the `Supernet` of `space` (keywords: ``dw_impl``).
+  """Builds the `Supernet` of `space` (keywords: ``dw_impl``, where ``'auto'`` is resolved for the
+  default backend by `layers.resolve_dw_impl`).
 
   Raises:
     ValueError: unknown space, or `alive` naming cell types the space does not have.
@@ -321,6 +322,8 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
     unknown = {t for t, _ in alive} - set(sp.cells)
     if unknown:
       raise ValueError(f"alive mask names cell types {sorted(unknown)} not in space {sp.name!r}")
+  if "dw_impl" in kw:  # 'auto' is resolved here, so that the model names its implementation
+    kw["dw_impl"] = layers.resolve_dw_impl(kw["dw_impl"])
   return Supernet(sp.name, init_channels, num_cells, num_classes, alive, **kw)
 
 
