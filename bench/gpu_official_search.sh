@@ -4,8 +4,14 @@
 #
 # Steps: print the environment; build the CIFAR-10 binary layout from the JPEG-derived copy;
 # time the depthwise-conv implementations on this GPU (bench/bench_depthwise.py) and search with
-# the fastest; stop the search at the budget (every finished iteration has written
-# iterations/tNN/genotype.json); pack the run directory without checkpoints into $OUT.
+# the fastest; stop the search at the budget with SIGTERM (the runner checkpoints the step it is at;
+# every finished iteration has written iterations/tNN/genotype.json); pack the run directory
+# without checkpoints into $OUT.
+#
+# Run it again on the same machine and it resumes: the data, the depthwise choice, the run
+# directory and JAX's persistent compilation cache all live under $WORK. One H200 needs about
+# 7 min of training steps for the whole protocol plus the compilations (measured 2026-11-29:
+# 61 ms per step; 3 min to compile the first step).
 #
 # Usage (from the repository root):
 #   OUT=/tmp/gpu_out JPEG_DIR=../shared/data/cifar10-jpeg-q75-derived BUDGET_S=560 \
@@ -24,13 +30,14 @@ T0=$(date +%s)
 OUT=${OUT:-$PWD/gpu_out}
 JPEG_DIR=${JPEG_DIR:-../shared/data/cifar10-jpeg-q75-derived}
 BUDGET_S=${BUDGET_S:-560}
-COLLECT_S=${COLLECT_S:-15}
+COLLECT_S=${COLLECT_S:-30}
 CONFIG=${CONFIG:-experiments/cifar_proxy.py}
 EXTRA=${EXTRA:-}
 WORK=${WORK:-/tmp/bnas_gpu}
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
+export BNAS_JAX_CACHE_DIR=${BNAS_JAX_CACHE_DIR:-$WORK/jax_cache}
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[$(elapsed)s] $*" | tee -a "$OUT/steps.log"; }
 
@@ -66,22 +73,26 @@ if [ ! -f "$DATA/test_batch.bin" ]; then
     || { say "data build failed"; cat "$OUT/data.log"; exit 1; }
 fi
 
+if [ -z "${DW_IMPL:-}" ] && [ -f "$WORK/dw_impl.txt" ]; then
+  DW_IMPL=$(cat "$WORK/dw_impl.txt")
+fi
 if [ -z "${DW_IMPL:-}" ]; then
   say "depthwise benchmark"
   timeout 120 $PY bench/bench_depthwise.py --json "$OUT/depthwise.json" 2>&1 | tee "$OUT/depthwise.log"
   DW_IMPL=$(sed -n 's/^best: //p' "$OUT/depthwise.log")
-  DW_IMPL=${DW_IMPL:-lax}
+  DW_IMPL=${DW_IMPL:-auto}
+  echo "$DW_IMPL" > "$WORK/dw_impl.txt"
 fi
 say "search with dw_impl=$DW_IMPL"
 
-LEFT=$(( BUDGET_S - $(elapsed) - COLLECT_S ))
+LEFT=$(( BUDGET_S - $(elapsed) - 2 * COLLECT_S ))
 say "search budget ${LEFT}s"
 # shellcheck disable=SC2086
-timeout -s INT -k 10 "$LEFT" $PY -m bnas_jax.main --config "$CONFIG" --workdir "$WORK/run" \
+timeout --preserve-status -s TERM -k "$COLLECT_S" "$LEFT" $PY -m bnas_jax.main --config "$CONFIG" --workdir "$WORK/run" \
     --config.data.data_dir="$DATA" --config.model.dw_impl="$DW_IMPL" $EXTRA \
     > "$OUT/search_stdout.log" 2>&1
 RC=$?
-say "search exit code $RC (124/130 = stopped at the budget)"
+say "search exit code $RC (143 = stopped at the budget and checkpointed; 137 = killed)"
 tail -c 4000 "$OUT/search_stdout.log" | tr '\r' '\n' | tail -n 15
 
 say "collect"

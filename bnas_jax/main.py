@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 
 from absl import app
@@ -112,9 +113,12 @@ def main(argv):
                jax.local_devices())
   logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())
   try:
-    get_runner(config.mode)(config, workdir)
+    result = get_runner(config.mode)(config, workdir)
   except (errors.ConfigError, input_pipeline.DatasetError) as e:  # bad input, named: no traceback
     _exit_with_error(e)
+  stopped_by = getattr(result, "stopped_by", "")
+  if stopped_by:  # checkpointed and stopped by SIGINT / SIGTERM: the shell's 128 + signal code
+    sys.exit(128 + int(getattr(signal, stopped_by)))
 
 
 def _exit_with_error(e: Exception) -> None:

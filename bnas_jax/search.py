@@ -47,6 +47,8 @@ import functools
 import itertools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Mapping
 
@@ -54,6 +56,7 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -168,6 +171,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.stop_after_steps = -1  # > 0: stop after this many optimiser steps (simulated kill)
   c.debug.nan_at_step = -1  # > 0: the k-th optimiser step (1-based) gets a NaN batch (tests)
+  c.debug.signal_at_step = -1  # > 0: SIGTERM to this process after that optimiser step (tests)
   return c
 
 
@@ -525,13 +529,14 @@ class SearchResult:
   """What `run` returns (also written to ``<workdir>/summary.json``).
 
   Attributes:
-    completed: False if the run stopped early (``debug.stop_after_steps``).
+    completed: False if the run stopped early (SIGINT / SIGTERM, ``debug.stop_after_steps``).
     genotype: the final `bnas_jax.genotype.Genotype` (None if not completed).
     gamma: group prior variances ``{tau: f32[E, K]}`` (numpy) at the end.
     alive: group mask ``{tau: bool[E, K]}`` at the end.
     val_accuracy: supernet accuracy on the val split after the last iteration (or warm-up).
     history: one dict per finished outer iteration (val accuracy, live switches, genotype, ...).
     global_step: optimiser steps taken.
+    stopped_by: the signal that stopped the run ('' otherwise).
   """
   completed: bool
   genotype: Any
@@ -540,6 +545,7 @@ class SearchResult:
   val_accuracy: float | None
   history: list[dict[str, Any]]
   global_step: int
+  stopped_by: str = ""  # 'SIGINT' / 'SIGTERM' when a signal stopped the run (checkpointed)
 
 
 @dataclasses.dataclass
@@ -588,6 +594,7 @@ class _Runner:
     self.val_accuracy: float | None = None
     self._nb201_table = None
     self._nb201_warned = False
+    self.stop = _StopSignal()
 
   # ---- helpers ----------------------------------------------------------------------------------
 
@@ -628,6 +635,19 @@ class _Runner:
     return {"position": dataclasses.asdict(pos), "history": self.history,
             "val_accuracy": self.val_accuracy, "seed": int(self.config.seed),
             "data_seed": int(self.config.data.seed)}
+
+  def stop_requested(self, *, at_log_step: bool = True) -> bool:
+    """Whether SIGINT / SIGTERM asked the run to stop (agreed by all processes).
+
+    One process checks after every step; several processes agree at logging steps only (one
+    small all-gather), so that all of them checkpoint the same step.
+    """
+    if jax.process_count() == 1:
+      return self.stop.requested
+    if not at_log_step:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self.stop.requested, np.int32))
+    return bool(np.any(flags))
 
   def save(self, state, pos: _Position) -> None:
     """Saves a checkpoint (the caller has checked that everything since the last one is finite)."""
@@ -682,6 +702,7 @@ class _Runner:
     t_window, steps_window = time.perf_counter(), 0
     stop_after = int(c.debug.stop_after_steps)
     nan_at = int(c.debug.nan_at_step)
+    signal_at = int(c.debug.get("signal_at_step", -1))
     try:
       for step in range(pos.step, steps):
         batch = next(batches)
@@ -703,6 +724,14 @@ class _Runner:
         if stop_now:
           logging.warning("debug.stop_after_steps=%d reached: stopping without a final "
                           "checkpoint (simulated kill)", stop_after)
+          return state, pos, True
+        if pos.global_step == signal_at:
+          os.kill(os.getpid(), signal.SIGTERM)
+        if pos.step < steps and self.stop_requested(at_log_step=log_now):
+          if not log_now:  # flush and check the steps since the last log
+            acc = self.log_train(acc, pos, phase, state, time.perf_counter() - t_window,
+                                 steps_window)
+          self.save(state, pos)
           return state, pos, True
     finally:
       bar.close()
@@ -909,9 +938,13 @@ class _Runner:
         phase = pos.phase
         state, pos, interrupted = self.run_epoch(state, pos, phase)
         if interrupted:
-          self.ckpt.wait()
-          return self.result(state, completed=False, global_step=pos.global_step)
+          return self.stopped(state, pos)
         if phase == PHASE_WARMUP:
+          # Checkpoint the epoch's end before the evaluation (whose compilation can take minutes):
+          # a kill there costs only the evaluation (a resume runs no step, then evaluates).
+          self.save(state, pos)
+          if self.stop_requested():
+            return self.stopped(state, pos)
           ev = self.evaluate(state)
           self.val_accuracy = ev["val_accuracy"]
           self.writer.write_scalars(pos.global_step, ev, prefix="warmup/")
@@ -919,17 +952,31 @@ class _Runner:
         else:
           pos = _Position(PHASE_UPDATE, pos.iteration, 0, 0, pos.global_step)
         self.save(state, pos)
+        if self.stop_requested():
+          return self.stopped(state, pos)
       elif pos.phase == PHASE_UPDATE:
         state = self.update(state, pos)
         t = pos.iteration
         pos = (_Position(PHASE_SEARCH, t + 1, 0, 0, pos.global_step) if t < T
                else _Position(PHASE_DONE, t, 0, 0, pos.global_step))
         self.save(state, pos)
+        if pos.phase != PHASE_DONE and self.stop_requested():
+          return self.stopped(state, pos)
       else:
         raise ValueError(f"checkpoint holds an unknown phase {pos.phase!r}")
     self.ckpt.wait()
     result = self.result(state, completed=True, global_step=pos.global_step)
     return result
+
+  def stopped(self, state, pos: _Position) -> SearchResult:
+    """Ends an interrupted run (its checkpoint, if any, is written) with completed=False."""
+    self.ckpt.wait()
+    if self.stop.requested:
+      logging.warning("stopped by %s after optimiser step %d (phase %r, iteration %d); the "
+                      "checkpoint of that step is in %s: rerun with the same --workdir to resume",
+                      self.stop.name, pos.global_step, pos.phase, pos.iteration,
+                      self.ckpt.directory)
+    return self.result(state, completed=False, global_step=pos.global_step)
 
   def result(self, state, *, completed: bool, global_step: int) -> SearchResult:
     prior = jax.device_get(state["prior"])
@@ -951,11 +998,45 @@ class _Runner:
       logging.info("search finished: genotype %s, val accuracy %s", genotype_obj, self.val_accuracy)
     return SearchResult(completed=completed, genotype=genotype_obj, gamma=gamma, alive=alive,
                         val_accuracy=self.val_accuracy, history=list(self.history),
-                        global_step=global_step)
+                        global_step=global_step, stopped_by=self.stop.name)
 
   def close(self) -> None:
+    self.stop.restore()
     self.ckpt.close()
     self.writer.close()
+
+
+class _StopSignal:
+  """SIGINT / SIGTERM handlers that ask the run to stop at the next step boundary.
+
+  The first signal sets `requested` (the runner then checkpoints the step it is at and returns);
+  a second one restores the previous handler and re-delivers the signal, so a second Ctrl-C still
+  kills at once. Handlers are only installed from the main thread.
+  """
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.requested = False
+    self.name = ""
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # second signal: give up the graceful stop
+      self.restore()
+      signal.raise_signal(signum)
+      return
+    self.requested, self.name = True, signal.Signals(signum).name
+    logging.warning("%s received: checkpointing at the next step boundary and stopping (send it "
+                    "again to stop at once)", self.name)
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
 
 
 def _init_key(seed: int) -> jax.Array:

@@ -11,6 +11,7 @@ import sys
 import ml_collections
 import pytest
 
+from bnas_jax import checkpointing
 from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import main as main_lib
@@ -153,6 +154,17 @@ def test_cli_run_then_resume_from_workdir_alone(tmp_path, cifar10_subset_dir):
   with open(os.path.join(workdir, "genotype.json")) as f:
     assert json.load(f) == first
   assert isinstance(stored, ml_collections.ConfigDict)
+
+
+def test_cli_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path, cifar10_subset_dir):
+  workdir = str(tmp_path / "run")
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 f"--config.data.data_dir={cifar10_subset_dir}", "--config.debug.signal_at_step=1")
+  assert proc.returncode == 128 + 15, proc.stderr[-3000:]
+  assert "SIGTERM received" in proc.stderr and "rerun with the same --workdir" in proc.stderr
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.restore_meta()["position"]["global_step"] == 1
+  ckpt.close()
 
 
 def test_config_files_load_names_a_missing_file(tmp_path):

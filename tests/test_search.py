@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -267,6 +268,26 @@ def test_resume_after_kill_equals_uninterrupted(reference_run, tmp_path, cifar10
   assert_same_result(result, final)
   assert [h["val_accuracy"] for h in final.history] == [h["val_accuracy"] for h in result.history]
   assert os.path.exists(os.path.join(workdir, "config.previous.json"))  # config change noted
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_equals_uninterrupted(
+    reference_run, tmp_path, cifar10_subset_dir):
+  result, _ = reference_run
+  workdir = str(tmp_path)
+  # SIGTERM after step 3 (inside the first search epoch, whose checkpoints come only at its end).
+  handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+  first = search.run(tiny_config(cifar10_subset_dir, **{"debug.signal_at_step": 3}), workdir)
+  assert not first.completed and first.stopped_by == "SIGTERM" and first.global_step == 3
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  meta = ckpt.restore_meta()
+  ckpt.close()
+  assert meta["position"]["global_step"] == 3 and meta["position"]["step"] == 1
+  # The run's handlers are gone: a later SIGTERM / Ctrl-C acts as before the run.
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+  final = search.run(tiny_config(cifar10_subset_dir), workdir)
+  assert final.completed and final.global_step == 6 and final.stopped_by == ""
+  assert_same_result(result, final)
+  assert [h["val_accuracy"] for h in final.history] == [h["val_accuracy"] for h in result.history]
 
 
 def test_finished_run_extended_to_more_iterations_equals_a_longer_run(reference_run, tmp_path,
