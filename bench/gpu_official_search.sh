@@ -25,6 +25,8 @@
 #              setup minus COLLECT_S
 #   CONFIG     experiment (default experiments/cifar_proxy.py); EXTRA: more --config overrides
 #   DW_IMPL    skip the depthwise benchmark and use this implementation
+#   DATA       an existing cifar-10-batches-bin folder (skips building one from JPEG_DIR)
+# Exit code: the search's (0 finished, 143 stopped at the budget and checkpointed, 137 killed).
 set -u
 T0=$(date +%s)
 OUT=${OUT:-$PWD/gpu_out}
@@ -67,7 +69,7 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 say "data"
-DATA=$WORK/cifar-10-batches-bin
+DATA=${DATA:-$WORK/cifar-10-batches-bin}
 if [ ! -f "$DATA/test_batch.bin" ]; then
   $PY "$JPEG_DIR/make_cifar10_bin.py" "$DATA" > "$OUT/data.log" 2>&1 \
     || { say "data build failed"; cat "$OUT/data.log"; exit 1; }
@@ -86,6 +88,10 @@ fi
 say "search with dw_impl=$DW_IMPL"
 
 LEFT=$(( BUDGET_S - $(elapsed) - 2 * COLLECT_S ))
+if [ "$LEFT" -lt 1 ]; then
+  say "BUDGET_S=$BUDGET_S leaves no time for the search after setup ($(elapsed)s) and 2 x COLLECT_S"
+  exit 2
+fi
 say "search budget ${LEFT}s"
 # shellcheck disable=SC2086
 timeout --preserve-status -s TERM -k "$COLLECT_S" "$LEFT" $PY -m bnas_jax.main --config "$CONFIG" --workdir "$WORK/run" \
@@ -98,6 +104,8 @@ tail -c 4000 "$OUT/search_stdout.log" | tr '\r' '\n' | tail -n 15
 say "collect"
 tar -C "$WORK" --exclude=run/checkpoints -czf "$OUT/run.tar.gz" run 2>/dev/null
 nvidia-smi --query-gpu=memory.used --format=csv >> "$OUT/env.txt" 2>&1
-grep -h "iteration [0-9]*: val\|search finished\|genotype:" "$WORK/run/log.txt" 2>/dev/null | cut -c1-400
+grep -h -A2 "iteration [0-9]*: val\|search finished\|genotype:" "$WORK/run/log.txt" 2>/dev/null \
+  | cut -c1-400
 ls "$WORK/run/iterations" 2>/dev/null
 say "done"
+exit $RC

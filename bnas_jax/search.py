@@ -41,6 +41,7 @@ batch, so any device count gives the single-device result (up to float reassocia
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -130,6 +131,11 @@ def default_config() -> ml_collections.ConfigDict:
   # 'running' = the running averages (what the original's model.eval() used).
   c.search.eval_bn = "batch"
   c.search.max_eval_examples = -1  # > 0 evaluates on the first N val examples only
+  # Compile the evaluation / curvature (and, after pruning, the next train step) in background
+  # threads while the main thread compiles or trains (results unchanged). Off: on this 2-core CPU
+  # it made a short cifar_proxy:cpu search slower (225 s against 192 s; XLA:CPU already compiles
+  # on both cores). Meant for many-core hosts, e.g. a GPU machine's (not measured there yet).
+  c.search.compile_ahead = False
 
   c.bayes = ml_collections.ConfigDict()
   c.bayes.lambda_origin = 0.01
@@ -195,6 +201,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                              f"{sorted(curvature_lib.CURVATURE_FNS)}")
   if config.curvature.num_batches < 1:
     raise errors.ConfigError("config.curvature.num_batches must be >= 1")
+  if not isinstance(config.search.get("compile_ahead", True), bool):
+    raise errors.ConfigError(f"config.search.compile_ahead={config.search.compile_ahead!r}; "
+                             "use True or False")
   if config.model.get("dw_impl", "auto") not in layers.DW_IMPLS:
     raise errors.ConfigError(f"config.model.dw_impl={config.model.dw_impl!r}; use one of "
                              f"{', '.join(layers.DW_IMPLS)} ('auto' picks the fastest for the "
@@ -239,7 +248,8 @@ def _curvature_batch_size(config) -> int:
 # Config fields that may change when a run resumes from its checkpoints (prefix match); any other
 # difference is refused, because it would not match the checkpointed state or its data position.
 RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
-                      "debug.", "data.data_dir", "nb201.table", "model.dw_impl")
+                      "debug.", "data.data_dir", "nb201.table", "model.dw_impl",
+                      "search.compile_ahead")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -595,6 +605,9 @@ class _Runner:
     self._nb201_table = None
     self._nb201_warned = False
     self.stop = _StopSignal()
+    self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=2, thread_name_prefix="compile_ahead")
+    self._compiling: list[concurrent.futures.Future] = []
 
   # ---- helpers ----------------------------------------------------------------------------------
 
@@ -635,6 +648,48 @@ class _Runner:
     return {"position": dataclasses.asdict(pos), "history": self.history,
             "val_accuracy": self.val_accuracy, "seed": int(self.config.seed),
             "data_seed": int(self.config.data.seed)}
+
+  def compile_ahead(self, state, alive, *, train: bool = False, evaluate: bool = False,
+                    curvature_iteration: int | None = None) -> None:
+    """Starts compiling step functions of mask `alive` in background threads.
+
+    ``jit(f).lower(*args).compile()`` fills f's own compilation cache, so the first real call
+    runs at once. The abstract arguments come from the same pipelines as the real calls (one
+    example batch each), so the signatures match. A failure is logged and left to the real call.
+    Off with ``search.compile_ahead=False``.
+    """
+    if not bool(self.config.search.compile_ahead):
+      return
+    c = self.config
+    fns = self.fns(alive)
+    spec = lambda tree: jax.tree.map(_abstract, tree)
+    jobs = []
+    if train:
+      b = int(c.search.batch_size)
+      images, labels = self.splits["search"]
+      batch = next(input_pipeline.epoch_batches(
+          images[:b], labels[:b], batch_size=b, seed=0, epoch=0, mean=self.dataset.mean,
+          std=self.dataset.std, augment=True, cutout=int(c.search.switch_cutout),
+          sharding=self.batch_sharding))
+      jobs.append(("train_step", fns.train_step,
+                   (spec(state), spec(self.replicate(new_train_acc())), spec(batch), True)))
+    if evaluate:
+      jobs.append(("eval_step", fns.eval_step,
+                   (spec(state), spec(self.new_eval_acc()), spec(next(iter(self.eval_batches()))))))
+    if curvature_iteration is not None:
+      variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+      key = jax.random.fold_in(self.curvature_key(state, curvature_iteration), 0)
+      batch = next(iter(self.curvature_batches(curvature_iteration)))
+      jobs.append(("curvature_fn", fns.curvature_fn,
+                   (spec(state["switches"]), spec(variables), spec(batch), key)))
+    for name, fn, args in jobs:
+      self._compiling.append(self._compile_pool.submit(_compile, name, fn, args))
+
+  def wait_compiles(self) -> None:
+    """Blocks until the background compilations have finished."""
+    for f in self._compiling:
+      f.result()
+    self._compiling = []
 
   def stop_requested(self, *, at_log_step: bool = True) -> bool:
     """Whether SIGINT / SIGTERM asked the run to stop (agreed by all processes).
@@ -731,7 +786,8 @@ class _Runner:
           if not log_now:  # flush and check the steps since the last log
             acc = self.log_train(acc, pos, phase, state, time.perf_counter() - t_window,
                                  steps_window)
-          self.save(state, pos)
+          if not save_now:  # (else this step's checkpoint was just written)
+            self.save(state, pos)
           return state, pos, True
     finally:
       bar.close()
@@ -754,29 +810,34 @@ class _Runner:
     self.writer.write_scalars(pos.global_step, scalars, prefix=f"{phase}/")
     return self.replicate(new_train_acc())
 
-  def evaluate(self, state) -> dict[str, float]:
-    """Supernet loss/accuracy on the val split (batch norm per ``search.eval_bn``)."""
+  def eval_batches(self):
+    """The val split's batches (padded last batch with a ``'mask'``), in order."""
     c = self.config
     images, labels = self.splits["val"]
     limit = int(c.search.max_eval_examples)
     if limit > 0:
       images, labels = images[:limit], labels[:limit]
-    fns = self.fns({t: np.asarray(a) for t, a in state["prior"].alive.items()})
-    acc = self.replicate({k: np.zeros((), np.float32) for k in ("nll", "correct", "count")})
-    for batch in input_pipeline.epoch_batches(
+    return input_pipeline.epoch_batches(
         images, labels, batch_size=int(c.search.eval_batch_size), seed=0, epoch=0,
         mean=self.dataset.mean, std=self.dataset.std, augment=False, shuffle=False,
-        drop_remainder=False, sharding=self.batch_sharding):
+        drop_remainder=False, sharding=self.batch_sharding)
+
+  def new_eval_acc(self):
+    return self.replicate({k: np.zeros((), np.float32) for k in ("nll", "correct", "count")})
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Supernet loss/accuracy on the val split (batch norm per ``search.eval_bn``)."""
+    fns = self.fns({t: np.asarray(a) for t, a in state["prior"].alive.items()})
+    acc = self.new_eval_acc()
+    for batch in self.eval_batches():
       acc = fns.eval_step(state, acc, batch)
     host = jax.device_get(acc)
     count = max(float(host["count"]), 1.0)
     return {"val_accuracy": float(host["correct"]) / count, "val_nll": float(host["nll"]) / count}
 
-  def curvature(self, state, pos: _Position):
-    """Mean-loss curvature diagonal over M search batches, times ``bayes.curvature_scale``."""
+  def curvature_batches(self, iteration: int):
+    """The M curvature batches of outer iteration `iteration` (search split, no augmentation)."""
     c = self.config
-    alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
-    fns = self.fns(alive)
     images, labels = self.splits["search"]
     b = _curvature_batch_size(c)
     m = int(c.curvature.num_batches)
@@ -786,12 +847,23 @@ class _Runner:
                        f"the split has {len(labels)}")
     batches = input_pipeline.epoch_batches(
         images, labels, batch_size=b, seed=_phase_seed(int(c.data.seed), "curvature"),
-        epoch=pos.iteration - 1, mean=self.dataset.mean, std=self.dataset.std, augment=False,
+        epoch=iteration - 1, mean=self.dataset.mean, std=self.dataset.std, augment=False,
         sharding=self.batch_sharding)
+    return itertools.islice(batches, m)
+
+  @staticmethod
+  def curvature_key(state, iteration: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), iteration)
+
+  def curvature(self, state, pos: _Position):
+    """Mean-loss curvature diagonal over M search batches, times ``bayes.curvature_scale``."""
+    c = self.config
+    alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
+    fns = self.fns(alive)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), pos.iteration)
-    batches = itertools.islice(batches, m)
-    h = curvature_lib.accumulate(fns.curvature_fn, state["switches"], variables, batches, key)
+    key = self.curvature_key(state, pos.iteration)
+    h = curvature_lib.accumulate(fns.curvature_fn, state["switches"], variables,
+                                 self.curvature_batches(pos.iteration), key)
     scale = _curvature_scale(c)
     return jax.tree.map(lambda x: x * scale, h)
 
@@ -800,13 +872,19 @@ class _Runner:
     t = pos.iteration
     t0 = time.perf_counter()
     h = self.curvature(state, pos)
-    fns = self.fns({tt: np.asarray(a) for tt, a in state["prior"].alive.items()})
+    old_alive = {tt: np.asarray(a) for tt, a in state["prior"].alive.items()}
+    fns = self.fns(old_alive)
     prior, switches = fns.prior_update(state["prior"], state["switches"], h)
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
         (h, prior.gamma, prior.omega, prior.posterior_variance)))
     if not finite:
       self.fail_nonfinite("curvature or prior state", pos)
     state = dict(state, prior=prior, switches=switches)
+    alive = {tt: np.asarray(a) for tt, a in prior.alive.items()}
+    more = t < int(self.config.search.iterations)
+    if more and any(not np.array_equal(alive[tt], old_alive[tt]) for tt in alive):
+      # Pruned: the next epoch runs new programs; compile them while this thread evaluates.
+      self.compile_ahead(state, alive, train=True, curvature_iteration=t + 1)
     update_s = time.perf_counter() - t0
     ev = self.evaluate(state)
     self.val_accuracy = ev["val_accuracy"]
@@ -927,6 +1005,14 @@ class _Runner:
     if pos.phase == PHASE_DONE and pos.iteration < T:  # resumed with a larger T: search on
       logging.info("extending a finished search from %d to %d iterations", pos.iteration, T)
       pos = _Position(PHASE_SEARCH, pos.iteration + 1, 0, 0, pos.global_step)
+    # While this thread compiles the train step (or the curvature), compile what comes next.
+    alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
+    if pos.phase == PHASE_WARMUP:
+      self.compile_ahead(state, alive, evaluate=True, curvature_iteration=1 if T > 0 else None)
+    elif pos.phase == PHASE_SEARCH:
+      self.compile_ahead(state, alive, evaluate=True, curvature_iteration=pos.iteration)
+    elif pos.phase == PHASE_UPDATE:
+      self.compile_ahead(state, alive, evaluate=True)
     while pos.phase != PHASE_DONE:
       if pos.phase == PHASE_WARMUP and pos.epoch >= int(c.search.warmup_epochs):
         pos = _Position(PHASE_SEARCH if T > 0 else PHASE_DONE, 1 if T > 0 else 0, 0, 0,
@@ -998,20 +1084,43 @@ class _Runner:
       logging.info("search finished: genotype %s, val accuracy %s", genotype_obj, self.val_accuracy)
     return SearchResult(completed=completed, genotype=genotype_obj, gamma=gamma, alive=alive,
                         val_accuracy=self.val_accuracy, history=list(self.history),
-                        global_step=global_step, stopped_by=self.stop.name)
+                        global_step=global_step,
+                        stopped_by="" if completed else self.stop.name)
 
   def close(self) -> None:
+    self._compile_pool.shutdown(wait=True, cancel_futures=True)
     self.stop.restore()
     self.ckpt.close()
     self.writer.close()
+
+
+def _abstract(x):
+  """A jax.Array's abstract value with its sharding (what `jit(...).lower` needs)."""
+  if isinstance(x, jax.Array) and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
+                                weak_type=x.aval.weak_type)
+  return x
+
+
+def _compile(name: str, fn, args) -> None:
+  t0 = time.perf_counter()
+  try:
+    fn.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("compiling %s ahead failed (%s: %s); it compiles on its first call instead",
+                    name, type(e).__name__, e)
+    return
+  logging.info("compiled %s ahead in %.1f s", name, time.perf_counter() - t0)
 
 
 class _StopSignal:
   """SIGINT / SIGTERM handlers that ask the run to stop at the next step boundary.
 
   The first signal sets `requested` (the runner then checkpoints the step it is at and returns);
-  a second one restores the previous handler and re-delivers the signal, so a second Ctrl-C still
-  kills at once. Handlers are only installed from the main thread.
+  a second one restores the default action and re-delivers the signal (SIGINT raises
+  KeyboardInterrupt), so a second Ctrl-C still stops at once. Handlers are only installed from the
+  main thread, and not for a signal the process was started with ignored (a background job's
+  SIGINT, ``nohup``): that stays ignored.
   """
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -1021,12 +1130,16 @@ class _StopSignal:
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+          self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     if self.requested:  # second signal: give up the graceful stop
       self.restore()
+      if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      signal.signal(signum, signal.SIG_DFL)
       signal.raise_signal(signum)
       return
     self.requested, self.name = True, signal.Signals(signum).name

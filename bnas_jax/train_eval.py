@@ -44,9 +44,11 @@ import numpy as np
 import optax
 
 from bnas_jax import checkpointing
+from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
 from bnas_jax.models import eval_net
+from bnas_jax.models import layers
 
 CONFIG_JSON = "config.json"
 RESULTS_JSON = "results.json"
@@ -110,7 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
 # Pure pieces: model, schedules, steps.
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> eval_net.EvalNetwork:
+def create_model(config: ml_collections.ConfigDict,
+                 num_classes: int | None) -> eval_net.EvalNetwork:
   """The evaluation network of `config.genotype` (see `bnas_jax.models.eval_net`)."""
   dataset = "imagenet" if config.data.name.startswith("imagenet") else config.data.name
   m = config.model
@@ -537,6 +540,19 @@ class _Trainer:
     self.writer.close()
 
 
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `errors.ConfigError` naming a bad model field, before the workdir is created."""
+  dw_impl = config.model.get("dw_impl", "auto")
+  if dw_impl not in layers.DW_IMPLS:
+    raise errors.ConfigError(f"config.model.dw_impl={dw_impl!r}; use one of "
+                             f"{', '.join(layers.DW_IMPLS)} ('auto' picks the fastest for the "
+                             "backend)")
+  try:
+    create_model(config, num_classes=None)  # genotype, prev_reduce, drop_mode, dataset
+  except ValueError as e:
+    raise errors.ConfigError(f"config.genotype / config.model: {e}") from None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes training of) `config.genotype` from scratch in `workdir`.
 
@@ -553,6 +569,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     NonFiniteError: the loss became non-finite.
     ValueError / input_pipeline.DatasetError: bad config values or missing data (named).
   """
+  _check_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

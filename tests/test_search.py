@@ -190,6 +190,38 @@ def test_step_functions_compiled_once_per_mask(reference_run, cifar10_subset_dir
       assert getattr(fns, name)._cache_size() == 1, name
 
 
+def test_compile_ahead_leaves_nothing_to_compile_for_the_real_calls(tmp_path,
+                                                                   cifar10_subset_dir):
+  # search.lr enters the step functions: a static config no other test compiles.
+  config = tiny_config(cifar10_subset_dir, **{"search.lr": 0.0123, "search.compile_ahead": True})
+  compiled = []
+
+  def listener(event, seconds, **kw):
+    del seconds
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kw.get("fun_name", ""))
+
+  runner = search._Runner(config, str(tmp_path))
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    state = runner.fresh_state()
+    alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
+    runner.compile_ahead(state, alive, train=True, evaluate=True, curvature_iteration=1)
+    runner.wait_compiles()
+    steps = ("jit(train_step)", "jit(eval_step)", "jit(curvature)")
+    ahead = [n for n in compiled if n in steps]
+    assert sorted(ahead) == sorted(steps), compiled
+    del compiled[:]
+    # The real calls: an evaluation, a curvature pass and a training epoch of the search phase.
+    runner.evaluate(state)
+    runner.curvature(state, search._Position(search.PHASE_UPDATE, 1, 0, 0, 0))
+    runner.run_epoch(state, search._Position(search.PHASE_SEARCH, 1, 0, 0, 0), search.PHASE_SEARCH)
+    assert not [n for n in compiled if n in steps], compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+    runner.close()
+
+
 def _one_step_inputs(config, mesh):
   from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
   counts = supernet.cell_counts(config.space, config.model.num_cells)
@@ -288,6 +320,26 @@ def test_sigterm_checkpoints_the_current_step_and_resume_equals_uninterrupted(
   assert final.completed and final.global_step == 6 and final.stopped_by == ""
   assert_same_result(result, final)
   assert [h["val_accuracy"] for h in final.history] == [h["val_accuracy"] for h in result.history]
+
+
+def test_stop_signal_second_ctrl_c_interrupts_and_ignored_signals_stay_ignored():
+  before = signal.getsignal(signal.SIGINT)
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    stop = search._StopSignal()
+    signal.raise_signal(signal.SIGINT)  # first: a request, no exception
+    assert stop.requested and stop.name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)  # second: stop at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # A signal ignored at start (a background job's SIGINT) gets no handler and stays ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = search._StopSignal()
+    signal.raise_signal(signal.SIGINT)
+    assert not stop.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    stop.restore()
+  finally:
+    signal.signal(signal.SIGINT, before)
 
 
 def test_finished_run_extended_to_more_iterations_equals_a_longer_run(reference_run, tmp_path,

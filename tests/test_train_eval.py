@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bnas_jax import config_files
+from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import train_eval
@@ -88,6 +89,20 @@ def test_missing_imagenet_names_how_to_provide_it(tmp_path):
   c.data.data_dir = str(tmp_path / "no_imagenet_here")
   with pytest.raises(input_pipeline.DatasetNotFoundError, match="tfds build imagenet2012"):
     train_eval.load_data(c)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model.dw_impl", "shfit", "config.model.dw_impl='shfit'"),
+    ("model.prev_reduce", "pool", "prev_reduce"),
+    ("genotype", "no_such_genotype", "no_such_genotype"),
+])
+def test_bad_model_config_is_refused_before_the_workdir_exists(tmp_path, field, value, match):
+  c = train_eval.default_config()
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(errors.ConfigError, match=match):
+    train_eval.run(c, str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")
 
 
 def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp_path):
