@@ -204,10 +204,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.search.get("compile_ahead", True), bool):
     raise errors.ConfigError(f"config.search.compile_ahead={config.search.compile_ahead!r}; "
                              "use True or False")
-  if config.model.get("dw_impl", "auto") not in layers.DW_IMPLS:
-    raise errors.ConfigError(f"config.model.dw_impl={config.model.dw_impl!r}; use one of "
-                             f"{', '.join(layers.DW_IMPLS)} ('auto' picks the fastest for the "
-                             "backend)")
+  try:
+    layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise errors.ConfigError(
         "config.checkpoint.every_steps and config.log_every_steps must be >= 1")

@@ -542,11 +542,10 @@ class _Trainer:
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `errors.ConfigError` naming a bad model field, before the workdir is created."""
-  dw_impl = config.model.get("dw_impl", "auto")
-  if dw_impl not in layers.DW_IMPLS:
-    raise errors.ConfigError(f"config.model.dw_impl={dw_impl!r}; use one of "
-                             f"{', '.join(layers.DW_IMPLS)} ('auto' picks the fastest for the "
-                             "backend)")
+  try:
+    layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
   try:
     create_model(config, num_classes=None)  # genotype, prev_reduce, drop_mode, dataset
   except ValueError as e:

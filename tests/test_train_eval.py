@@ -92,7 +92,7 @@ def test_missing_imagenet_names_how_to_provide_it(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("model.dw_impl", "shfit", "config.model.dw_impl='shfit'"),
+    ("model.dw_impl", "shfit", "config.model.dw_impl: unknown depthwise impl 'shfit'"),
     ("model.prev_reduce", "pool", "prev_reduce"),
     ("genotype", "no_such_genotype", "no_such_genotype"),
 ])

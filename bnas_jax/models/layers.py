@@ -89,7 +89,8 @@ def resolve_dw_impl(impl: str, platform: str | None = None) -> str:
     ValueError: for a name not in `DW_IMPLS`.
   """
   if impl not in DW_IMPLS:
-    raise ValueError(f"unknown depthwise impl {impl!r}; use one of {', '.join(DW_IMPLS)}")
+    raise ValueError(f"unknown depthwise impl {impl!r}; use one of {', '.join(DW_IMPLS)} "
+                     "('auto' picks the fastest for the backend)")
   if impl != "auto":
     return impl
   platform = platform or jax.default_backend()
