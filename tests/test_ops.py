@@ -141,6 +141,35 @@ def test_grouped_conv_and_pointwise_equal_per_group_lax():
     np.testing.assert_allclose(got_p[..., 6 * g:6 * (g + 1)], ref_p, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["einsum", "blockdiag"])
+def test_grouped_pointwise_impls_equal_per_group_dot_with_gradients(impl):
+  x = _x((2, 5, 5, 3 * 4))
+  wp = _x((3, 4, 6), seed=2)
+  ct = _x((2, 3, 3, 3 * 6), seed=3)
+
+  def ref_fn(a, k):  # G separate 1x1 convs, concatenated
+    a = a[:, ::2, ::2]
+    return jnp.concatenate([a[..., 4 * g:4 * (g + 1)] @ k[g] for g in range(3)], axis=-1)
+
+  def fast_fn(a, k):
+    return layers.grouped_pointwise(a, k, stride=2, impl=impl)
+
+  np.testing.assert_allclose(fast_fn(x, wp), ref_fn(x, wp), rtol=1e-5, atol=1e-5)
+  g_fast = jax.grad(lambda a, k: jnp.sum(ct * fast_fn(a, k)), argnums=(0, 1))(x, wp)
+  g_ref = jax.grad(lambda a, k: jnp.sum(ct * ref_fn(a, k)), argnums=(0, 1))(x, wp)
+  for a, b in zip(g_fast, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_pointwise_impl_is_blockdiag_only_for_narrow_cpu_layers():
+  assert layers.resolve_pw_impl("auto", layers.BLOCKDIAG_MAX_WIDTH, "cpu") == "blockdiag"
+  assert layers.resolve_pw_impl("auto", layers.BLOCKDIAG_MAX_WIDTH + 1, "cpu") == "einsum"
+  assert layers.resolve_pw_impl("auto", 16, "gpu") == "einsum"
+  assert layers.resolve_pw_impl("einsum", 16, "cpu") == "einsum"
+  with pytest.raises(ValueError, match="unknown grouped 1x1 impl"):
+    layers.grouped_pointwise(jnp.zeros((1, 2, 2, 4)), jnp.zeros((2, 2, 2)), impl="gemm")
+
+
 def _np_pool(x, stride, kind, pad_value, count_include_pad):
   b, h, w, c = x.shape
   xp = np.full((b, h + 2, w + 2, c), pad_value, np.float64)
