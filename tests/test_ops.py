@@ -206,19 +206,43 @@ def test_pool_semantics_match_numpy(stride):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("pad_value", [-np.inf, 0.0])
-def test_max_pool_value_and_gradient_equal_reduce_window(stride, pad_value):
+@pytest.mark.parametrize("impl", ["shift", "shift_vjp"])
+def test_max_pool_value_and_gradient_equal_reduce_window(stride, pad_value, impl):
   x = _x((2, 9, 8, 3)) - 0.5
 
   def ref(a):
     a = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
     return lax.reduce_window(a, -jnp.inf, lax.max, (1, 3, 3, 1), (1, stride, stride, 1), "VALID")
 
-  fast = lambda a: layers.max_pool(a, 3, stride=stride, padding=1, pad_value=pad_value)
+  fast = lambda a: layers.max_pool(a, 3, stride=stride, padding=1, pad_value=pad_value,
+                                   impl=impl)
   np.testing.assert_array_equal(fast(x), ref(x))
   ct = _x(ref(x).shape, seed=3)
   g_fast = jax.grad(lambda a: jnp.sum(ct * fast(a)))(x)
   g_ref = jax.grad(lambda a: jnp.sum(ct * ref(a)))(x)
   np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
+  if impl == "shift_vjp":  # the custom VJP directly (max_pool uses it at stride 1 only)
+    pad = lambda a: jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
+    vjp = lambda a: layers._max_pool_vjp(pad(a), 3, stride, ct.shape[1:3])
+    g_vjp = jax.grad(lambda a: jnp.sum(ct * vjp(a)))(x)
+    np.testing.assert_allclose(g_vjp, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_vjp_splits_ties_equally(stride=1):
+  """All-zero windows with zero padding (the BayesNAS max pool after a dead input): every window
+  element ties. The custom VJP splits each window's cotangent equally (1/9 per element, a numpy
+  reference). Autodiff of the separable form splits ties pairwise instead (1/4, 1/4, 1/2 along
+  each axis); both are valid subgradients."""
+  x = jnp.zeros((1, 7, 6, 2))
+  out = layers.max_pool(x, 3, stride=stride, padding=1, pad_value=0.0)
+  ct = _x(out.shape, seed=3)
+  grad = jax.grad(lambda a: jnp.sum(ct * layers.max_pool(
+      a, 3, stride=stride, padding=1, pad_value=0.0, impl="shift_vjp")))(x)
+  want = np.zeros((1, 9, 8, 2))
+  for i in range(out.shape[1]):
+    for j in range(out.shape[2]):
+      want[:, i * stride:i * stride + 3, j * stride:j * stride + 3] += np.asarray(ct[:, i, j]) / 9
+  np.testing.assert_allclose(grad, want[:, 1:-1, 1:-1], rtol=1e-6, atol=1e-6)
 
 
 def test_batchnorm_matches_flax_and_pytorch_running_update():

@@ -225,18 +225,21 @@ class Pool(nn.Module):
     stride: 1 or 2.
     zero_pad_max: pad with zeros before a max pool (BayesNAS, spec 2.1) instead of -inf.
     count_include_pad: average over 9 (True: PyTorch default, BayesNAS) or over the real pixels.
+    impl: the depthwise impl of the network (`layers.max_pool`: ``'shift_vjp'`` gives the max pool
+      a custom VJP, reverse mode only).
   """
   kind: str
   stride: int = 1
   zero_pad_max: bool = False
   count_include_pad: bool = False
+  impl: str = "shift"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False) -> Array:
     del train
     if self.kind == "max":
       return layers.max_pool(x, 3, stride=self.stride, padding=1,
-                             pad_value=0.0 if self.zero_pad_max else -jnp.inf)
+                             pad_value=0.0 if self.zero_pad_max else -jnp.inf, impl=self.impl)
     if self.kind == "avg":
       return layers.avg_pool(x, 3, stride=self.stride, padding=1,
                              count_include_pad=self.count_include_pad)
@@ -479,6 +482,16 @@ def _no_params(factory):
   return f
 
 
+def _max_pool(**pool_kw):
+  """A max-pool factory that passes the network's depthwise impl on (see `Pool.impl`)."""
+
+  def f(channels, stride, dw_impl="shift", **kw):
+    return _no_params(lambda s, **k: Pool("max", s, impl=dw_impl, **pool_kw, **k))(
+        channels, stride, **kw)
+
+  return f
+
+
 def _bayes_ident(channels, stride, **kw):
   kw.pop("dw_impl", None)
   return BIdent(channels, stride, **_grouping(kw), **kw)
@@ -520,7 +533,7 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
         "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **_grouping(kw), **kw),
         "dil3": _bayes_dil(3),
         "dil5": _bayes_dil(5),
-        "max": _no_params(lambda s, **kw: Pool("max", s, zero_pad_max=True, **kw)),
+        "max": _max_pool(zero_pad_max=True),
         "avg": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=True, **kw)),
         "ident": _bayes_ident,
         # stride 2 = with the 1x1 stride-2 conv on the input (spec 2.3).
@@ -529,7 +542,7 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
     "darts": {
         "none": _no_params(lambda s, **kw: Zero(s, **kw)),
         "avg_pool_3x3": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=False, **kw)),
-        "max_pool_3x3": _no_params(lambda s, **kw: Pool("max", s, **kw)),
+        "max_pool_3x3": _max_pool(),
         "skip_connect": _darts_skip,
         "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine,
                                                                  **_grouping(kw), **kw),
