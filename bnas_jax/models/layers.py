@@ -322,13 +322,18 @@ def grouped_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
             dilation=dilation) for i in range(g)], axis=-1)
 
 
-def _window_max(a: Array, kernel: int, stride: int, axis: int, n_out: int) -> Array:
-  """Max over `kernel` strided shifts of `a` along `axis` (one stage of the separable max)."""
-  out = None
+def _axis_shifts(a: Array, kernel: int, stride: int, axis: int, n_out: int):
+  """Yields the `kernel` strided shifts of `a` along `axis`, each `n_out` long there."""
   for i in range(kernel):
     start, limit, strides = [0] * a.ndim, list(a.shape), [1] * a.ndim
     start[axis], limit[axis], strides[axis] = i, i + stride * (n_out - 1) + 1, stride
-    sl = lax.slice(a, start, limit, strides)
+    yield lax.slice(a, start, limit, strides)
+
+
+def _window_max(a: Array, kernel: int, stride: int, axis: int, n_out: int) -> Array:
+  """Max over `kernel` strided shifts of `a` along `axis` (one stage of the separable max)."""
+  out = None
+  for sl in _axis_shifts(a, kernel, stride, axis, n_out):
     out = sl if out is None else lax.max(out, sl)
   return out
 
@@ -342,10 +347,8 @@ def _window_max_grad(a: Array, m: Array, g: Array, kernel: int, stride: int, axi
   """
   n_out = m.shape[axis]
   ties = None
-  for i in range(kernel):
-    start, limit, strides = [0] * a.ndim, list(a.shape), [1] * a.ndim
-    start[axis], limit[axis], strides[axis] = i, i + stride * (n_out - 1) + 1, stride
-    hit = (lax.slice(a, start, limit, strides) == m).astype(a.dtype)
+  for sl in _axis_shifts(a, kernel, stride, axis, n_out):
+    hit = (sl == m).astype(a.dtype)
     ties = hit if ties is None else ties + hit
   share = g / lax.max(ties, jnp.ones_like(ties))
   cfg = [(0, 0, 0)] * a.ndim
