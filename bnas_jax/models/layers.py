@@ -398,9 +398,10 @@ def max_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
   with the depthwise impl of the same name) adds a custom VJP whose transposed shifts are forward
   shifts of one padded buffer (`_window_max_grad`), a smaller program with no pads inside the
   fused loops, at stride 1 (f32[32, 32, 32, 64], fwd + bwd: 33 ms against 50 ms; at stride 2 the
-  zero-interleaved buffers made it slower, 19 ms against 12 ms, so stride 2 keeps autodiff). Ties (e.g. an all-zero window with zero padding) share the gradient instead of
-  sending it to one element: equally with ``'shift_vjp'``, pairwise (1/4, 1/4, 1/2 per axis) with
-  autodiff. All forms are valid subgradients and agree without ties.
+  zero-interleaved buffers made it slower, 19 ms against 12 ms, so stride 2 keeps autodiff).
+  Ties (e.g. an all-zero window with zero padding) share the gradient instead of sending it to
+  one element: equally with ``'shift_vjp'``, pairwise (1/4, 1/4, 1/2 per axis) with autodiff.
+  All forms are valid subgradients and agree without ties.
 
   Args:
     impl: ``'shift_vjp'`` for the custom VJP; any other depthwise impl name: plain autodiff.
