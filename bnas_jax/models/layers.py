@@ -51,15 +51,21 @@ def torch_uniform(fan_in: int) -> Callable[..., Array]:
   return init
 
 
+def _pad_hw(x: Array, padding: int, value: float = 0.0) -> Array:
+  """Symmetric spatial padding of f32[B, H, W, C] by `padding` pixels filled with `value`."""
+  if not padding:
+    return x
+  return lax.pad(x, jnp.asarray(value, x.dtype),
+                 ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)))
+
+
 def _window_slices(x: Array, kernel: int, stride: int, padding: int, dilation: int,
                    pad_value: float = 0.0):
   """Yields ((i, j), slice) for the kernel*kernel shifted, strided views of padded `x` [B,H,W,C]."""
   _, h, w, _ = x.shape
   ho = out_size(h, kernel, stride, padding, dilation)
   wo = out_size(w, kernel, stride, padding, dilation)
-  if padding:  # lax-level ops here and below: the supernet traces thousands of them
-    x = lax.pad(x, jnp.asarray(pad_value, x.dtype),
-                ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)))
+  x = _pad_hw(x, padding, pad_value)  # lax-level ops here: the supernet traces thousands
   for i in range(kernel):
     for j in range(kernel):
       r0, c0 = i * dilation, j * dilation
@@ -183,7 +189,7 @@ def _dsv_bwd(stride, padding, dilation, res, ct):
                 ((0, 0, 0), (lo, h + padding - (ho - 1) * stride - 1, stride - 1),
                  (lo, w + padding - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
   dx = _depthwise_shift(ctp, kernel[::-1, ::-1], 1, 0, dilation)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  xp = _pad_hw(x, padding)
   taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
 
   def body(_, off):
@@ -206,7 +212,7 @@ def _depthwise_scan(x: Array, kernel: Array, stride: int, padding: int, dilation
   b, h, w, c = x.shape
   ho = out_size(h, k, stride, padding, dilation)
   wo = out_size(w, k, stride, padding, dilation)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  xp = _pad_hw(x, padding)
   taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
 
   def body(acc, tap):
@@ -408,9 +414,7 @@ def max_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
   """
   _, h, w, _ = x.shape
   ho, wo = out_size(h, kernel, stride, padding), out_size(w, kernel, stride, padding)
-  if padding:
-    x = lax.pad(x, jnp.asarray(pad_value, x.dtype),
-                ((0, 0, 0), (padding, padding, 0), (padding, padding, 0), (0, 0, 0)))
+  x = _pad_hw(x, padding, pad_value)
   if impl == "shift_vjp" and stride == 1:
     return _max_pool_vjp(x, kernel, stride, (ho, wo))
   return _window_max(_window_max(x, kernel, stride, 1, ho), kernel, stride, 2, wo)
