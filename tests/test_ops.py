@@ -221,28 +221,60 @@ def test_max_pool_value_and_gradient_equal_reduce_window(stride, pad_value, impl
   g_fast = jax.grad(lambda a: jnp.sum(ct * fast(a)))(x)
   g_ref = jax.grad(lambda a: jnp.sum(ct * ref(a)))(x)
   np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
-  if impl == "shift_vjp":  # the custom VJP directly (max_pool uses it at stride 1 only)
-    pad = lambda a: jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
-    vjp = lambda a: layers._max_pool_vjp(pad(a), 3, stride, ct.shape[1:3])
-    g_vjp = jax.grad(lambda a: jnp.sum(ct * vjp(a)))(x)
-    np.testing.assert_allclose(g_vjp, g_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_max_pool_vjp_splits_ties_equally(stride=1):
-  """All-zero windows with zero padding (the BayesNAS max pool after a dead input): every window
-  element ties. The custom VJP splits each window's cotangent equally (1/9 per element, a numpy
-  reference). Autodiff of the separable form splits ties pairwise instead (1/4, 1/4, 1/2 along
-  each axis); both are valid subgradients."""
-  x = jnp.zeros((1, 7, 6, 2))
-  out = layers.max_pool(x, 3, stride=stride, padding=1, pad_value=0.0)
+def _np_max_pool_grad_first_max(x, ct, stride, pad_value):
+  """Numpy reference of PyTorch's max-pool gradient: each 3 x 3 window's cotangent goes to its
+  first maximal element in row-major order (padding included; a pad's share is dropped)."""
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=pad_value)
+  g = np.zeros_like(xp)
+  for n in range(x.shape[0]):
+    for c in range(x.shape[3]):
+      for i in range(ct.shape[1]):
+        for j in range(ct.shape[2]):
+          win = xp[n, i * stride:i * stride + 3, j * stride:j * stride + 3, c]
+          a, b = np.unravel_index(np.argmax(win), win.shape)  # first maximum, row-major
+          g[n, i * stride + a, j * stride + b, c] += ct[n, i, j, c]
+  return g[:, 1:-1, 1:-1]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("pad_value", [-np.inf, 0.0])
+def test_max_pool_vjp_sends_ties_to_the_first_maximum(stride, pad_value):
+  """Ties (plateaus of equal values, and all-zero windows with the BayesNAS zero padding): the
+  custom VJP gives each window's cotangent to its first maximal element, as PyTorch does."""
+  x = np.round(np.array(_x((2, 7, 6, 3))) * 2) / 2 - 0.5  # values in steps of 0.5: many ties
+  x[0, :4, :4, 0] = 0.0
+  x = jnp.asarray(x)
+  out = layers.max_pool(x, 3, stride=stride, padding=1, pad_value=pad_value, impl="shift_vjp")
   ct = _x(out.shape, seed=3)
   grad = jax.grad(lambda a: jnp.sum(ct * layers.max_pool(
-      a, 3, stride=stride, padding=1, pad_value=0.0, impl="shift_vjp")))(x)
-  want = np.zeros((1, 9, 8, 2))
-  for i in range(out.shape[1]):
-    for j in range(out.shape[2]):
-      want[:, i * stride:i * stride + 3, j * stride:j * stride + 3] += np.asarray(ct[:, i, j]) / 9
-  np.testing.assert_allclose(grad, want[:, 1:-1, 1:-1], rtol=1e-6, atol=1e-6)
+      a, 3, stride=stride, padding=1, pad_value=pad_value, impl="shift_vjp")))(x)
+  want = _np_max_pool_grad_first_max(np.asarray(x), np.asarray(ct), stride, pad_value)
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_vjp_propagates_nan():
+  x = np.array(_x((1, 5, 5, 2)))
+  x[0, 2, 2, 1] = np.nan
+  y = layers.max_pool(jnp.asarray(x), 3, stride=1, padding=1, impl="shift_vjp")
+  assert np.isnan(np.asarray(y)[0, 1:4, 1:4, 1]).all()
+  assert np.isfinite(np.asarray(y)[..., 0]).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("shape", [(2, 9, 8, 3), (2, 8, 8, 3)])
+def test_avg_pool_shift_vjp_equals_reduce_window(stride, count_include_pad, shape):
+  x = _x(shape)
+  kw = dict(stride=stride, padding=1, count_include_pad=count_include_pad)
+  ref = lambda a: layers.avg_pool(a, 3, impl="lax", **kw)
+  fast = lambda a: layers.avg_pool(a, 3, impl="shift_vjp", **kw)
+  np.testing.assert_allclose(fast(x), ref(x), rtol=1e-6, atol=1e-6)
+  ct = _x(ref(x).shape, seed=3)
+  g_fast = jax.grad(lambda a: jnp.sum(ct * fast(a)))(x)
+  g_ref = jax.grad(lambda a: jnp.sum(ct * ref(a)))(x)
+  np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_batchnorm_matches_flax_and_pytorch_running_update():

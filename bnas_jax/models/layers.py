@@ -75,6 +75,23 @@ def _window_slices(x: Array, kernel: int, stride: int, padding: int, dilation: i
           (1, stride, stride, 1))
 
 
+def _transposed_pad(ct: Array, in_hw: tuple[int, int], kernel: int, stride: int, padding: int,
+                    dilation: int = 1, value=0) -> Array:
+  """Zero-interleaves and pads a window op's cotangent f32[B, Ho, Wo, C] for its transpose.
+
+  The k*k stride-1 windows (dilation `dilation`) of the result, read with the taps flipped, are
+  the transposed windows: input pixel (r, c) of an H x W = `in_hw` input sees, at slice offset
+  (a, b), the cotangent of the output window whose tap (k-1-a, k-1-b) covered it. This writes a
+  transposed window op as forward shifts of one buffer (no pads inside the fused loops). The
+  result is f32[B, H + (k-1)d, W + (k-1)d, C], padded with `value`.
+  """
+  (h, w), (ho, wo) = in_hw, ct.shape[1:3]
+  lo = (kernel - 1) * dilation - padding
+  return lax.pad(ct, jnp.asarray(value, ct.dtype),
+                 ((0, 0, 0), (lo, h + padding - (ho - 1) * stride - 1, stride - 1),
+                  (lo, w + padding - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
+
+
 DW_IMPLS = ("auto", "shift_vjp", "shift", "scan", "patches", "lax")
 
 
@@ -184,10 +201,7 @@ def _dsv_bwd(stride, padding, dilation, res, ct):
   # (zero-interleaved for stride > 1, zero-padded) with the flipped kernel: k*k slices of one
   # padded buffer, like the forward pass (3-6x faster on CPU than transposing the slices, which
   # gives k*k pads; `bench/bench_depthwise.py`).
-  lo = (k - 1) * dilation - padding
-  ctp = lax.pad(ct, jnp.zeros((), ct.dtype),
-                ((0, 0, 0), (lo, h + padding - (ho - 1) * stride - 1, stride - 1),
-                 (lo, w + padding - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  ctp = _transposed_pad(ct, (h, w), k, stride, padding, dilation)
   dx = _depthwise_shift(ctp, kernel[::-1, ::-1], 1, 0, dilation)
   xp = _pad_hw(x, padding)
   taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
@@ -344,48 +358,50 @@ def _window_max(a: Array, kernel: int, stride: int, axis: int, n_out: int) -> Ar
   return out
 
 
-def _window_max_grad(a: Array, m: Array, g: Array, kernel: int, stride: int, axis: int) -> Array:
-  """Gradient of ``m = _window_max(a)`` for the cotangent `g`, without pads in the fused loop.
+def _max_argmax(x: Array, kernel: int, stride: int, padding: int,
+                pad_value: float) -> tuple[Array, Array]:
+  """Window maximum f32[B, Ho, Wo, C] and the tap of its first maximal element, int8[B, Ho, Wo, C].
 
-  Each window's cotangent is split equally among the window's elements equal to its maximum (a
-  valid subgradient; tie-free windows send it all to the argmax). The transposed shifts are
-  written as `kernel` forward shifts of the zero-interleaved, padded ``g / ties`` and `m`.
+  Taps are numbered row-major (``i * kernel + j``); NaN counts as the maximum (as in PyTorch).
   """
-  n_out = m.shape[axis]
-  ties = None
-  for sl in _axis_shifts(a, kernel, stride, axis, n_out):
-    hit = (sl == m).astype(a.dtype)
-    ties = hit if ties is None else ties + hit
-  share = g / lax.max(ties, jnp.ones_like(ties))
-  cfg = [(0, 0, 0)] * a.ndim
-  cfg[axis] = (kernel - 1, a.shape[axis] - (n_out - 1) * stride - 1, stride - 1)
-  share_p = lax.pad(share, jnp.zeros((), a.dtype), cfg)
-  m_p = lax.pad(m, jnp.zeros((), a.dtype), cfg)
-  out = None
-  for j in range(kernel):
-    sl_g = lax.slice_in_dim(share_p, j, j + a.shape[axis], axis=axis)
-    sl_m = lax.slice_in_dim(m_p, j, j + a.shape[axis], axis=axis)
-    term = jnp.where(a == sl_m, sl_g, jnp.zeros((), a.dtype))
-    out = term if out is None else out + term
-  return out
+  best = idx = None
+  for t, (_, sl) in enumerate(_window_slices(x, kernel, stride, padding, 1, pad_value)):
+    if best is None:
+      best, idx = sl, jnp.zeros(sl.shape, jnp.int8)
+      continue
+    take = lax.bitwise_or(lax.gt(sl, best), lax.ne(sl, sl))
+    best = lax.select(take, sl, best)
+    idx = lax.select(take, lax.full_like(idx, t), idx)
+  return best, idx
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_vjp(xp: Array, kernel: int, stride: int, out_hw: tuple[int, int]) -> Array:
-  return _window_max(_window_max(xp, kernel, stride, 1, out_hw[0]), kernel, stride, 2, out_hw[1])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_vjp(x: Array, kernel: int, stride: int, padding: int, pad_value: float) -> Array:
+  """Max pool whose gradient goes to the first maximal element of each window (PyTorch's rule)."""
+  return _max_argmax(x, kernel, stride, padding, pad_value)[0]
 
 
-def _max_pool_vjp_fwd(xp, kernel, stride, out_hw):
-  rows = _window_max(xp, kernel, stride, 1, out_hw[0])
-  y = _window_max(rows, kernel, stride, 2, out_hw[1])
-  return y, (xp, rows, y)
+def _max_pool_vjp_fwd(x, kernel, stride, padding, pad_value):
+  y, idx = _max_argmax(x, kernel, stride, padding, pad_value)
+  # The input's spatial size rides along as the shape of an empty array (residuals are arrays).
+  return y, (idx, jnp.zeros((0, x.shape[1], x.shape[2]), jnp.int8))
 
 
-def _max_pool_vjp_bwd(kernel, stride, out_hw, res, ct):
-  del out_hw
-  xp, rows, y = res
-  d_rows = _window_max_grad(rows, y, ct, kernel, stride, 2)
-  return (_window_max_grad(xp, rows, d_rows, kernel, stride, 1),)
+def _max_pool_vjp_bwd(kernel, stride, padding, pad_value, res, ct):
+  del pad_value
+  idx, hw = res
+  # dx[r, c] = sum over the windows covering (r, c) of their cotangent where their argmax tap is
+  # (r, c): k*k forward shifts of the padded cotangent and tap buffers, offset t <-> tap k*k-1-t.
+  ctp = _transposed_pad(ct, hw.shape[1:], kernel, stride, padding)
+  idp = _transposed_pad(idx, hw.shape[1:], kernel, stride, padding, value=-1)
+  zero = jnp.zeros((), ct.dtype)
+  dx = None
+  for t, ((_, g), (_, tap)) in enumerate(zip(_window_slices(ctp, kernel, 1, 0, 1),
+                                             _window_slices(idp, kernel, 1, 0, 1))):
+    hit = lax.eq(tap, lax.full_like(tap, kernel * kernel - 1 - t))
+    term = lax.select(hit, g, lax.broadcast(zero, g.shape))
+    dx = term if dx is None else lax.add(dx, term)
+  return (dx,)
 
 
 _max_pool_vjp.defvjp(_max_pool_vjp_fwd, _max_pool_vjp_bwd)
@@ -398,37 +414,77 @@ def max_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
   `pad_value` = -inf reproduces ``nn.MaxPool2d(k, s, p)``; 0.0 reproduces the BayesNAS op
   (zero padding, then a max pool; spec 2.1).
 
-  The max is separable (rows, then columns) over shifted strided slices. On XLA:CPU the gradient
-  of `lax.reduce_window(max)` is a select-and-scatter that took 175 ms for f32[32, 32, 32, 64];
-  autodiff of this form takes 36 ms (fwd + bwd). ``impl='shift_vjp'`` (reverse mode only, used
-  with the depthwise impl of the same name) adds a custom VJP whose transposed shifts are forward
-  shifts of one padded buffer (`_window_max_grad`), a smaller program with no pads inside the
-  fused loops, at stride 1 (f32[32, 32, 32, 64], fwd + bwd: 33 ms against 50 ms; at stride 2 the
-  zero-interleaved buffers made it slower, 19 ms against 12 ms, so stride 2 keeps autodiff).
-  Ties (e.g. an all-zero window with zero padding) share the gradient instead of sending it to
-  one element: equally with ``'shift_vjp'``, pairwise (1/4, 1/4, 1/2 per axis) with autodiff.
-  All forms are valid subgradients and agree without ties.
+  On XLA:CPU the gradient of `lax.reduce_window(max)` is a select-and-scatter that took 175 ms for
+  f32[32, 32, 32, 64]. Here:
+
+  * ``impl='shift_vjp'`` (reverse mode only; the CPU training default, like the depthwise impl of
+    the same name): the forward pass keeps the running maximum and its window tap (int8) over the
+    k*k shifted slices in one fused loop; the backward pass sends each window's cotangent to that
+    tap, as k*k forward shifts of the padded cotangent and tap buffers (`_transposed_pad`). This
+    is PyTorch's rule (the first maximal element of the window, row-major) and equals the
+    `reduce_window` gradient. f32[32, 32, 32, 64], fwd + bwd: 6.0 ms at stride 1 and 3.5 ms at
+    stride 2, against 27 and 7.6 ms for the separable form below and 9.5 / 3.9 ms for PyTorch
+    2.14 (channels_last) on this 2-core CPU.
+  * any other name: the max is separable (rows, then columns) over shifted strided slices, with
+    plain autodiff (every AD mode). Ties share the gradient pairwise (1/4, 1/4, 1/2 per axis):
+    also a valid subgradient; both forms agree without ties.
 
   Args:
     impl: ``'shift_vjp'`` for the custom VJP; any other depthwise impl name: plain autodiff.
   """
+  if impl == "shift_vjp":
+    return _max_pool_vjp(x, kernel, stride, padding, pad_value)
   _, h, w, _ = x.shape
   ho, wo = out_size(h, kernel, stride, padding), out_size(w, kernel, stride, padding)
   x = _pad_hw(x, padding, pad_value)
-  if impl == "shift_vjp" and stride == 1:
-    return _max_pool_vjp(x, kernel, stride, (ho, wo))
   return _window_max(_window_max(x, kernel, stride, 1, ho), kernel, stride, 2, wo)
 
 
+def _box_sum(x: Array, kernel: int, stride: int, padding: int) -> Array:
+  """Sum over each k x k window of zero-padded `x` (k*k shifted slices, one fused loop)."""
+  out = None
+  for _, sl in _window_slices(x, kernel, stride, padding, 1):
+    out = sl if out is None else lax.add(out, sl)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _box_sum_vjp(x: Array, kernel: int, stride: int, padding: int) -> Array:
+  """`_box_sum` whose transpose is the same box sum of the padded cotangent (see `avg_pool`)."""
+  return _box_sum(x, kernel, stride, padding)
+
+
+def _box_sum_vjp_fwd(x, kernel, stride, padding):
+  return _box_sum(x, kernel, stride, padding), jnp.zeros((0, x.shape[1], x.shape[2]), jnp.int8)
+
+
+def _box_sum_vjp_bwd(kernel, stride, padding, hw, ct):
+  return (_box_sum(_transposed_pad(ct, hw.shape[1:], kernel, stride, padding), kernel, 1, 0),)
+
+
+_box_sum_vjp.defvjp(_box_sum_vjp_fwd, _box_sum_vjp_bwd)
+
+
 def avg_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
-             count_include_pad: bool = True) -> Array:
+             count_include_pad: bool = True, impl: str = "shift") -> Array:
   """k x k average pooling with zero padding, f32[B,H,W,C] -> f32[B,Ho,Wo,C].
 
   ``count_include_pad=True`` divides by k*k (PyTorch default; the BayesNAS op); ``False`` divides
   by the number of real (unpadded) pixels in the window (DARTS / NAS-Bench-201).
+
+  Args:
+    impl: ``'shift_vjp'`` (reverse mode only; the CPU training default, like the depthwise impl of
+      the same name): the window sums are k*k shifted slices in one fused loop, with a custom VJP
+      whose transpose is the same box sum of the zero-interleaved, padded cotangent. Any other
+      depthwise impl name: `lax.reduce_window` (every AD mode). f32[32, 32, 32, 64] on this
+      2-core CPU, fwd + bwd, stride 1 / 2: 'shift_vjp' 3.0 / 2.5 ms, `reduce_window` 12.2 /
+      12.5 ms, PyTorch 2.14 (channels_last) 6.9 / 3.1 ms.
   """
-  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  s = lax.reduce_window(x, 0.0, lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pads)
+  if impl == "shift_vjp":
+    s = _box_sum_vjp(x, kernel, stride, padding)
+  else:
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    s = lax.reduce_window(x, 0.0, lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pads)
   if count_include_pad:
     return s / float(kernel * kernel)
   ones = np.ones((1, x.shape[1], x.shape[2], 1), np.float32)

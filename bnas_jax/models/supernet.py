@@ -199,11 +199,10 @@ class Cell(nn.Module):
         idx = np.asarray(sel, np.int32)
         b, h, w = xin.shape[:3]
         x = (xin if len(sel) == g_all else xin[..., idx, :]).reshape(b, h, w, len(sel) * c)
-        kw = {"groups": g_all, "select": None if len(sel) == g_all else sel}
+        kw = {"groups": g_all, "select": None if len(sel) == g_all else sel,
+              "dw_impl": self.dw_impl}
         if sp.family != "bayesnas":
           kw["affine"] = self.affine
-        if sp.family != "nb201":
-          kw["dw_impl"] = self.dw_impl
         op = ops_lib.OPS[sp.family][op_name](c, stride, name=f"w{key + 1}_{op_name}", **kw)
         y = op(x, train=train)
         if sp.family == "darts" and "pool" in op_name:

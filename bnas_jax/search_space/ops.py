@@ -225,8 +225,8 @@ class Pool(nn.Module):
     stride: 1 or 2.
     zero_pad_max: pad with zeros before a max pool (BayesNAS, spec 2.1) instead of -inf.
     count_include_pad: average over 9 (True: PyTorch default, BayesNAS) or over the real pixels.
-    impl: the depthwise impl of the network (`layers.max_pool`: ``'shift_vjp'`` gives the max pool
-      a custom VJP, reverse mode only).
+    impl: the depthwise impl of the network (`layers.max_pool`, `layers.avg_pool`:
+      ``'shift_vjp'`` gives both pools a custom VJP, reverse mode only).
   """
   kind: str
   stride: int = 1
@@ -242,7 +242,7 @@ class Pool(nn.Module):
                              pad_value=0.0 if self.zero_pad_max else -jnp.inf, impl=self.impl)
     if self.kind == "avg":
       return layers.avg_pool(x, 3, stride=self.stride, padding=1,
-                             count_include_pad=self.count_include_pad)
+                             count_include_pad=self.count_include_pad, impl=self.impl)
     raise ValueError(f"Pool.kind must be 'max' or 'avg', got {self.kind!r}")
 
 
@@ -482,11 +482,11 @@ def _no_params(factory):
   return f
 
 
-def _max_pool(**pool_kw):
-  """A max-pool factory that passes the network's depthwise impl on (see `Pool.impl`)."""
+def _pool(kind, **pool_kw):
+  """A pool factory that passes the network's depthwise impl on (see `Pool.impl`)."""
 
   def f(channels, stride, dw_impl="shift", **kw):
-    return _no_params(lambda s, **k: Pool("max", s, impl=dw_impl, **pool_kw, **k))(
+    return _no_params(lambda s, **k: Pool(kind, s, impl=dw_impl, **pool_kw, **k))(
         channels, stride, **kw)
 
   return f
@@ -533,16 +533,16 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
         "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **_grouping(kw), **kw),
         "dil3": _bayes_dil(3),
         "dil5": _bayes_dil(5),
-        "max": _max_pool(zero_pad_max=True),
-        "avg": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=True, **kw)),
+        "max": _pool("max", zero_pad_max=True),
+        "avg": _pool("avg", count_include_pad=True),
         "ident": _bayes_ident,
         # stride 2 = with the 1x1 stride-2 conv on the input (spec 2.3).
         "creduct": lambda c, s, **kw: CReduct(c, reduce_input=(s == 2)),
     },
     "darts": {
         "none": _no_params(lambda s, **kw: Zero(s, **kw)),
-        "avg_pool_3x3": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=False, **kw)),
-        "max_pool_3x3": _max_pool(),
+        "avg_pool_3x3": _pool("avg", count_include_pad=False),
+        "max_pool_3x3": _pool("max"),
         "skip_connect": _darts_skip,
         "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine,
                                                                  **_grouping(kw), **kw),
@@ -563,7 +563,7 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
         "skip_connect": _nb201_skip,
         "nor_conv_1x1": _nb201_conv(1),
         "nor_conv_3x3": _nb201_conv(3),
-        "avg_pool_3x3": _no_params(lambda s, **kw: Pool("avg", s, count_include_pad=False, **kw)),
+        "avg_pool_3x3": _pool("avg", count_include_pad=False),
         "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
             c, kernel_size, s, padding, affine, not affine, **_grouping(kw), **kw),
         "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
