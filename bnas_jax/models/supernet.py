@@ -135,7 +135,10 @@ def _mix(parts: Array, weights: Array) -> Array:
 
   Returns:
     f32[B, H, W, T, C]. One reduction instead of G scalings and adds: its gradient with respect to
-    `weights` is a single reduction too (this keeps the XLA graph of the step small).
+    `weights` is a single reduction too (this keeps the XLA graph of the step small). An einsum
+    is 7x faster on its own (f32[32, 32, 32, 8, 8], T = 4, fwd + bwd: 8.8 against 62 ms) and
+    halves the skip-only darts step, but made the full darts step about 10 % slower in an
+    interleaved A/B: this broadcast form fuses with the ops around it, the matrix products do not.
   """
   w = weights[..., None] if weights.ndim == 2 else weights[:, None, None, :, :, None]
   return jnp.sum(parts[..., :, None, :] * w, axis=-3)
