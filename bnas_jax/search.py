@@ -109,6 +109,10 @@ def default_config() -> ml_collections.ConfigDict:
   # step and compile there) and 'lax' on GPU/TPU (fastest on an H200); 'shift' also supports
   # forward-mode AD. All compute the same function, so it may change when a run is resumed.
   c.model.dw_impl = "auto"
+  # The edges of each cell (bnas_jax.models.supernet.Cell): 'scan' = one lax.scan per cell (fastest
+  # compile), 'unroll' = the same loop unrolled (on CPU a faster step, a 2-4x slower compile). Same
+  # function and parameters, so it may change when a run is resumed.
+  c.model.edge_loop = "scan"
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
@@ -208,6 +212,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
   except ValueError as e:
     raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
+  if config.model.get("edge_loop", "scan") not in supernet_edge_loops():
+    raise errors.ConfigError(f"config.model.edge_loop={config.model.edge_loop!r}; use one of "
+                             f"{', '.join(supernet_edge_loops())}")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise errors.ConfigError(
         "config.checkpoint.every_steps and config.log_every_steps must be >= 1")
@@ -249,7 +256,7 @@ def _curvature_batch_size(config) -> int:
 # difference is refused, because it would not match the checkpointed state or its data position.
 RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
                       "debug.", "data.data_dir", "nb201.table", "model.dw_impl",
-                      "search.compile_ahead")
+                      "model.edge_loop", "search.compile_ahead")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -294,6 +301,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Model, state and the jitted step functions.
 # --------------------------------------------------------------------------------------------------
+
+
+def supernet_edge_loops() -> tuple[str, ...]:
+  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
+  return supernet.EDGE_LOOPS
 
 
 def create_model(config, num_classes: int, alive: spaces.FrozenMask | None = None):

@@ -125,6 +125,26 @@ def test_fast_depthwise_equals_lax_conv(k, stride, dilation, impl):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 2), (5, 1, 2), (5, 2, 1)])
+def test_im2col_conv_equals_lax_conv_with_gradients(k, stride, dilation):
+  x = _x((2, 11, 10, 3))
+  w = _x((k, k, 3, 4), seed=1)
+  pad = dilation * (k - 1) // 2
+  ref = lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
+                                 rhs_dilation=(dilation, dilation),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = layers.conv(x, w, stride=stride, padding=pad, dilation=dilation, impl="im2col")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  ct = _x(ref.shape, seed=2)
+  grads = [jax.grad(lambda a, b, impl=impl: jnp.sum(ct * layers.conv(
+      a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1))(x, w)
+           for impl in ("im2col", "lax")]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="unknown conv impl 'cudnn'"):
+    layers.conv(x, w, padding=pad, impl="cudnn")
+
+
 def test_grouped_conv_and_pointwise_equal_per_group_lax():
   x = _x((2, 9, 9, 3 * 4))
   wk = _x((3, 3, 3, 4, 6), seed=1)

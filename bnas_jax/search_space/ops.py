@@ -150,6 +150,7 @@ class Conv(_Grouped):
   use_bias: bool = False
   groups: int = 1
   select: Optional[tuple[int, ...]] = None
+  impl: str = "lax"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -160,7 +161,7 @@ class Conv(_Grouped):
     k = self.kernel_size
     w = self._gparam("kernel", layers.torch_uniform(ci * k * k), (k, k, ci, self.features))
     fn = lambda a, b: layers.grouped_conv(a, b, stride=self.stride, padding=self.padding,
-                                          dilation=self.dilation)
+                                          dilation=self.dilation, impl=self.impl)
     y = _init_shortcut(fn, x, w) if self.is_initializing() else fn(x, w)
     if self.use_bias:
       y = y + self._gparam("bias", layers.torch_uniform(ci * k * k), (self.features,)).reshape(-1)
@@ -278,12 +279,14 @@ class BDilConv(nn.Module):
   stride: int = 1
   groups: int = 1
   select: Optional[tuple[int, ...]] = None
+  conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     g, sel, k = self.groups, self.select, self.kernel_size
     x = nn.relu(BatchNorm(True, g, sel, name="bn")(x, train=train))
-    x = Conv(self.channels, k, self.stride, k - 1, 2, False, g, sel, name="conv")(x)
+    x = Conv(self.channels, k, self.stride, k - 1, 2, False, g, sel, self.conv_impl,
+             name="conv")(x)
     return PointwiseConv(self.channels, 1, False, g, sel, name="pw")(x)
 
 
@@ -339,12 +342,13 @@ class ReLUConvBN(nn.Module):
   use_bias: bool = False
   groups: int = 1
   select: Optional[tuple[int, ...]] = None
+  conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     x = nn.relu(x)
     x = Conv(self.channels, self.kernel_size, self.stride, self.padding, 1, self.use_bias,
-             self.groups, self.select, name="conv")(x)
+             self.groups, self.select, self.conv_impl, name="conv")(x)
     return BatchNorm(self.affine, self.groups, self.select, name="bn")(x, train=train)
 
 
@@ -498,9 +502,9 @@ def _bayes_ident(channels, stride, **kw):
 
 
 def _bayes_dil(k):
-  def f(channels, stride, **kw):
+  def f(channels, stride, conv_impl="lax", **kw):
     kw.pop("dw_impl", None)
-    return BDilConv(channels, k, stride, **_grouping(kw), **kw)
+    return BDilConv(channels, k, stride, **_grouping(kw), conv_impl=conv_impl, **kw)
   return f
 
 
@@ -521,11 +525,16 @@ def _nb201_skip(channels, stride, affine=True, **kw):
 
 
 def _nb201_conv(k):
-  def f(channels, stride, affine=True, **kw):
+  def f(channels, stride, affine=True, conv_impl="lax", **kw):
     kw.pop("dw_impl", None)
-    return ReLUConvBN(channels, k, stride, k // 2, affine, not affine, **_grouping(kw), **kw)
+    return ReLUConvBN(channels, k, stride, k // 2, affine, not affine, **_grouping(kw),
+                      conv_impl=conv_impl, **kw)
   return f
 
+
+# Candidate ops with a dense k x k convolution: their factories take ``conv_impl``
+# (`layers.conv`; the supernet's edge loop uses 'im2col' on CPU).
+DENSE_CONV_OPS = {"bayesnas": ("dil3", "dil5"), "nb201": ("nor_conv_3x3",)}
 
 OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
     "bayesnas": {
