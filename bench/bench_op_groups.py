@@ -50,10 +50,11 @@ def group_mask(space: spaces.SearchSpace, keep: tuple[str, ...] | None) -> dict[
 
 
 def time_step(space_name: str, channels: int, cells: int, batch: int, mask, steps: int,
-              dw_impl: str) -> tuple[float, float]:
+              dw_impl: str, edge_loop: str = "scan") -> tuple[float, float]:
   """(compile seconds, median step seconds) of the training step of the masked supernet."""
   model = supernet_lib.create_supernet(space_name, channels, cells, 10,
-                                       alive=spaces.freeze_mask(mask), dw_impl=dw_impl)
+                                       alive=spaces.freeze_mask(mask), dw_impl=dw_impl,
+                                       edge_loop=edge_loop)
   switches = supernet_lib.init_switches(space_name, cells)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after compile)")
   p.add_argument("--dw_impl", default="auto")
+  p.add_argument("--edge_loop", default="scan", choices=supernet_lib.EDGE_LOOPS)
   args = p.parse_args(argv)
   space = spaces.get_space(args.space)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {args.space}, C={args.channels}, "
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
   variants = [("all", None)] + [(g, ops) for g, ops in GROUPS.items()]
   for name, keep in variants:
     compile_s, step_s = time_step(args.space, args.channels, args.cells, args.batch,
-                                  group_mask(space, keep), args.steps, args.dw_impl)
+                                  group_mask(space, keep), args.steps, args.dw_impl,
+                                  args.edge_loop)
     print(f"{name:6s} compile {compile_s:6.1f} s  step {step_s:.3f} s", flush=True)
   return 0
 

@@ -20,12 +20,14 @@ Families:
   False), ``avg_pool_3x3`` (``count_include_pad=False``), ``factorized_reduce``, ``relu_conv_bn``
   and the ResNet basic block between stages (``resnet_basic_block``).
 
-Grouped form (used by the supernet for speed): every op with parameters also accepts
+Grouped form: every op with parameters also accepts
 ``groups=G`` and ``select=(g, ...)``. The op then holds G independent copies of its parameters
-(leading axis G: the G edges of a cell that leave the same node) and is applied to the copies
+(leading axis G, e.g. G edges of a cell) and is applied to the copies
 `select` (default: all), whose inputs lie side by side on the channel axis,
 ``x: f32[B, H, W, len(select) * C]``. With the default ``groups=1`` an op is the plain single op of
 the reference code (parameter counts identical: conv = out x in/groups x k x k, BN = 2C if affine).
+The supernet used the grouped form for the edges leaving one node until it moved to a loop over
+single edges (`bnas_jax.models.supernet.Cell`); it now builds every op with ``groups=1``.
 Batch norm uses batch statistics when ``train=True`` (running averages are updated only when the
 ``'batch_stats'`` collection is mutable) and the running averages otherwise; PyTorch defaults
 (momentum 0.1, eps 1e-5, unbiased running variance).
