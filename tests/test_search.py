@@ -31,6 +31,7 @@ import pytest
 
 from bnas_jax import checkpointing
 from bnas_jax import config_files
+from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import search
@@ -373,6 +374,26 @@ def test_resume_with_a_different_config_is_refused_and_changes_nothing(tmp_path,
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == stored
   assert not os.path.exists(os.path.join(workdir, "config.previous.json"))
+
+
+def test_checkpoint_of_another_layout_is_refused_with_a_clear_error(reference_run, tmp_path,
+                                                                     cifar10_subset_dir):
+  # A checkpoint whose state tree differs from this version's (e.g. written before the supernet's
+  # per-edge parameter layout) must stop with a ConfigError naming the fix, not a traceback.
+  _, workdir = reference_run
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  config = tiny_config(cifar10_subset_dir)
+  ckpt = checkpointing.Checkpointer(os.path.join(moved, "checkpoints"), async_save=False)
+  latest = ckpt.latest_index()
+  state, meta = ckpt.restore(_abstract_state(config), latest)
+  params = dict(state["params"])
+  cell = next(k for k in params if k.startswith("cell_"))
+  params[cell] = {"w1_" + k: v for k, v in params[cell].items()}  # another parameter layout
+  ckpt.save(latest + 1, {**state, "params": params}, meta)
+  ckpt.close()
+  with pytest.raises(errors.ConfigError, match=r"does not match the state .* new --workdir"):
+    search.run(config, moved)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(reference_run, tmp_path, cifar10_subset_dir):
