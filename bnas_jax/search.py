@@ -113,6 +113,10 @@ def default_config() -> ml_collections.ConfigDict:
   # compile), 'unroll' = the same loop unrolled (on CPU a faster step, a 2-4x slower compile). Same
   # function and parameters, so it may change when a run is resumed.
   c.model.edge_loop = "scan"
+  # After pruning: 'skip' never computes a pruned op (one loop per target node and kept op set:
+  # slower compiles of the pruned supernet), 'mask' runs the ops kept on any edge of a cell phase
+  # in one loop and zeroes the pruned ones (compiles like the full supernet). Same results.
+  c.model.pruned_ops = "skip"
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
@@ -212,9 +216,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
   except ValueError as e:
     raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
-  if config.model.get("edge_loop", "scan") not in supernet_edge_loops():
-    raise errors.ConfigError(f"config.model.edge_loop={config.model.edge_loop!r}; use one of "
-                             f"{', '.join(supernet_edge_loops())}")
+  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
+  for field, allowed in (("edge_loop", supernet.EDGE_LOOPS), ("pruned_ops", supernet.PRUNED_OPS)):
+    if config.model.get(field, allowed[0]) not in allowed:
+      raise errors.ConfigError(f"config.model.{field}={config.model[field]!r}; use one of "
+                               f"{', '.join(allowed)}")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise errors.ConfigError(
         "config.checkpoint.every_steps and config.log_every_steps must be >= 1")
@@ -256,7 +262,7 @@ def _curvature_batch_size(config) -> int:
 # difference is refused, because it would not match the checkpointed state or its data position.
 RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
                       "debug.", "data.data_dir", "nb201.table", "model.dw_impl",
-                      "model.edge_loop", "search.compile_ahead")
+                      "model.edge_loop", "model.pruned_ops", "search.compile_ahead")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -301,11 +307,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # Model, state and the jitted step functions.
 # --------------------------------------------------------------------------------------------------
-
-
-def supernet_edge_loops() -> tuple[str, ...]:
-  from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
-  return supernet.EDGE_LOOPS
 
 
 def create_model(config, num_classes: int, alive: spaces.FrozenMask | None = None):

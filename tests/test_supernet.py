@@ -105,7 +105,8 @@ def tiny():
   return sp, model, images, sw, variables, fwd
 
 
-def test_zero_switch_equals_pruned_supernet(tiny):
+@pytest.mark.parametrize("pruned_ops", ["skip", "mask"])
+def test_zero_switch_equals_pruned_supernet(tiny, pruned_ops):
   sp, _, images, sw, variables, fwd = tiny
   mask = spaces.full_mask(sp)
   zeroed = dict(sw)
@@ -115,7 +116,8 @@ def test_zero_switch_equals_pruned_supernet(tiny):
     zeroed[t] = zeroed[t].at[:, e, k].set(0.0)
     mask[t][DROP_EDGE[t], 0] = False
     zeroed[t] = zeroed[t].at[:, DROP_EDGE[t], 0].set(0.0)
-  pruned = sn.create_supernet(sp, C0, N_CELLS, 10, alive=spaces.freeze_mask(mask), dw_impl="lax")
+  pruned = sn.create_supernet(sp, C0, N_CELLS, 10, alive=spaces.freeze_mask(mask), dw_impl="lax",
+                              pruned_ops=pruned_ops)
   # The pruned net reads the same variables (its parameter tree does not depend on `alive`).
   out_pruned = jax.jit(lambda v, s, x: pruned.apply(v, x, s, train=True,
                                                     mutable=["batch_stats"])[0])(

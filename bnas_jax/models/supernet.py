@@ -174,25 +174,28 @@ class EdgeOps(nn.Module):
 
 
 EDGE_LOOPS = ("scan", "unroll")
+PRUNED_OPS = ("skip", "mask")
 
 
 def _tree_take(tree, idx):
   return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
 
-def _edge_groups(topo: spaces.CellTopology, eids: list[int], alive: np.ndarray) -> list[list[int]]:
+def _edge_groups(topo: spaces.CellTopology, eids: list[int], alive: np.ndarray,
+                 pruned_ops: str = "skip") -> list[list[int]]:
   """The live edges of one phase, as runs that one loop body can evaluate in order.
 
-  `eids` are ordered by target node. If every live edge keeps the same candidate ops, they form one
-  run (one `lax.scan`). Otherwise the edges into each target node (which do not depend on each
-  other) are split by their set of kept ops, so that a pruned op is never computed.
+  `eids` are ordered by target node. If every live edge keeps the same candidate ops, or with
+  ``pruned_ops='mask'``, they form one run (one `lax.scan`). Otherwise the edges into each target
+  node (which do not depend on each other) are split by their set of kept ops, so that a pruned op
+  is never computed.
 
   Returns:
     Lists of positions into `eids`.
   """
   live = [j for j, e in enumerate(eids) if alive[e, 0] and alive[e, 1:].any()]
   sig = lambda j: tuple(bool(a) for a in alive[eids[j], 1:])
-  if len({sig(j) for j in live}) <= 1:
+  if pruned_ops == "mask" or len({sig(j) for j in live}) <= 1:
     return [live] if live else []
   groups = []
   for t in sorted({topo.edges[eids[j]].target for j in live}):
@@ -222,6 +225,7 @@ class Cell(nn.Module):
     dw_impl: see `Supernet`.
     edge_loop: ``'scan'`` (one compiled loop body per phase: fast compile) or ``'unroll'`` (the
       same loop fully unrolled: slower compile, faster step on CPU). See `Supernet`.
+    pruned_ops: see `Supernet`.
   """
   space: str
   channels: int
@@ -230,6 +234,7 @@ class Cell(nn.Module):
   affine: bool = False
   dw_impl: str = "shift"
   edge_loop: str = "scan"
+  pruned_ops: str = "skip"
 
   @nn.compact
   def __call__(self, inputs: tuple[Array, ...], sw: Array, *, train: bool) -> Array:
@@ -251,6 +256,8 @@ class Cell(nn.Module):
                        f"{(n_e, n_k)}")
     if self.edge_loop not in EDGE_LOOPS:
       raise ValueError(f"edge_loop={self.edge_loop!r}; use one of {EDGE_LOOPS}")
+    if self.pruned_ops not in PRUNED_OPS:
+      raise ValueError(f"pruned_ops={self.pruned_ops!r}; use one of {PRUNED_OPS}")
     c, n_in = self.channels, topo.num_inputs
     b, h, w, _ = inputs[-1].shape
     if topo.reduction:
@@ -290,8 +297,8 @@ class Cell(nn.Module):
       params = self.param(pname, lambda key: init_vars(key)["params"])
       stats = self.variable("batch_stats", pname, dict)
       new_stats = stats.value
-      for grp in _edge_groups(topo, eids, alive):
-        kept = tuple(bool(a) for a in alive[eids[grp[0]], 1:])
+      for grp in _edge_groups(topo, eids, alive, self.pruned_ops):
+        kept = tuple(bool(a) for a in alive[[eids[j] for j in grp], 1:].any(axis=0))
         gmod = mod if all(kept) else mod.clone(alive_ops=kept, parent=None)
         whole = len(grp) == len(eids)
         idx = np.asarray(grp, np.int32)
@@ -302,6 +309,10 @@ class Cell(nn.Module):
         s_rows = jnp.take(sw, e_idx, axis=-2)
         if s_rows.ndim == 3:
           s_rows = jnp.moveaxis(s_rows, 1, 0)  # per example: [E, B, 1 + K]
+        rows = alive[e_idx]
+        if not (rows[:, 1:] == np.asarray(kept)).all():  # pruned_ops='mask': zero pruned ops
+          m = jnp.asarray(rows, jnp.float32)
+          s_rows = s_rows * (m if s_rows.ndim == 2 else m[:, None, :])
         src_buf = xin if stride == 2 else None
 
         def body(nodes, xs, gmod=gmod, src_buf=src_buf):
@@ -345,6 +356,11 @@ class Supernet(nn.Module):
     edge_loop: ``'scan'`` (the edges of a cell in a `lax.scan`: fastest compile) or ``'unroll'``
       (the same loop unrolled: on CPU a faster step and a 2-4x slower compile; see the README).
       Both compute the same function with the same parameters.
+    pruned_ops: after pruning (`alive`), ``'skip'`` never computes a pruned op: the live edges of
+      a cell phase that keep different op sets get one loop each per (target node, kept ops),
+      which multiplies the compile time (darts 5-cell step with half the ops pruned at random:
+      183 s); ``'mask'`` keeps one loop per phase over the ops kept on any of its edges and
+      multiplies the pruned ones by 0 (compiles like the full supernet, computes more).
   """
   space: str
   init_channels: int
@@ -353,6 +369,7 @@ class Supernet(nn.Module):
   alive: Optional[spaces.FrozenMask] = None
   dw_impl: str = "shift"
   edge_loop: str = "scan"
+  pruned_ops: str = "skip"
 
   @nn.compact
   def __call__(self, images: Array, switches: Switches, *, train: bool) -> Array:
@@ -385,7 +402,7 @@ class Supernet(nn.Module):
         if i and spec.channels != plan[i - 1].channels:
           x = ops_lib.ResNetBasicBlock(spec.channels, 2, True, name=f"resblock_{i}")(x, train=train)
         x = Cell(sp.name, spec.channels, spec.cell_type, alive.get(spec.cell_type), False,
-                 self.dw_impl, self.edge_loop, name=f"cell_{i}")(
+                 self.dw_impl, self.edge_loop, self.pruned_ops, name=f"cell_{i}")(
                      (x,), cell_sw(spec.cell_type, spec.type_index), train=train)
       x = nn.relu(ops_lib.BatchNorm(True, name="lastact_bn")(x, train=train))
     else:
@@ -405,8 +422,8 @@ class Supernet(nn.Module):
             p0 = ops_lib.ReLUConvBN(c, 1, 1, 0, False, name=f"cell_{i}_pre0")(s0, train=train)
           p1 = ops_lib.ReLUConvBN(c, 1, 1, 0, False, name=f"cell_{i}_pre1")(s1, train=train)
         out = Cell(sp.name, c, spec.cell_type, alive.get(spec.cell_type), False, self.dw_impl,
-                   self.edge_loop, name=f"cell_{i}")((p0, p1), cell_sw(spec.cell_type, spec.type_index),
-                                     train=train)
+                   self.edge_loop, self.pruned_ops, name=f"cell_{i}")(
+                       (p0, p1), cell_sw(spec.cell_type, spec.type_index), train=train)
         s0, s1 = s1, out
       x = s1
       if sp.name == "bayesnas":
@@ -420,11 +437,11 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
                     num_classes: int, alive: Optional[spaces.FrozenMask] = None,
                     **kw) -> Supernet:
   """Builds the `Supernet` of `space` (keywords: ``dw_impl``, where ``'auto'`` is resolved for the
-  default backend by `layers.resolve_dw_impl`; ``edge_loop``).
+  default backend by `layers.resolve_dw_impl`; ``edge_loop``, ``pruned_ops``).
 
   Raises:
     ValueError: unknown space, `alive` naming cell types the space does not have, or an unknown
-      ``edge_loop``.
+      ``edge_loop`` or ``pruned_ops``.
   """
   sp = _space(space)
   if alive is not None:
@@ -433,6 +450,8 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
       raise ValueError(f"alive mask names cell types {sorted(unknown)} not in space {sp.name!r}")
   if kw.get("edge_loop", "scan") not in EDGE_LOOPS:
     raise ValueError(f"edge_loop={kw['edge_loop']!r}; use one of {', '.join(EDGE_LOOPS)}")
+  if kw.get("pruned_ops", "skip") not in PRUNED_OPS:
+    raise ValueError(f"pruned_ops={kw['pruned_ops']!r}; use one of {', '.join(PRUNED_OPS)}")
   if "dw_impl" in kw:  # 'auto' is resolved here, so that the model names its implementation
     kw["dw_impl"] = layers.resolve_dw_impl(kw["dw_impl"])
   return Supernet(sp.name, init_channels, num_cells, num_classes, alive, **kw)
