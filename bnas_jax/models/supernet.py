@@ -18,9 +18,10 @@ Macro structures:
 Edge output = sum_op s_op * op(s_origin * x) (spec 2.1), a node is the sum of its edges. Switches
 are ``{tau: f32[n_tau, E, 1 + n_ops]}`` (cell c of type tau uses ``switches[tau][c]``), or with a
 leading per-example axis ``{tau: f32[B, n_tau, E, 1 + n_ops]}`` (example b is scaled by its own
-copy). The static ``alive`` mask (``spaces.freeze_mask``) removes pruned ops and dead edges from the
-graph (no compute); initialisation always builds every op, so the parameter tree does not depend
-on `alive` and one set of variables serves every mask.
+copy). The static ``alive`` mask (``spaces.freeze_mask``) removes dead edges and, with the default
+``pruned_ops='skip'``, pruned ops from the graph (no compute; ``'mask'`` zeroes them instead, see
+`Supernet`); initialisation always builds every op, so the parameter tree does not depend on
+`alive` and one set of variables serves every mask.
 
 Speed formulation (GitHub issue 3): the edges of a cell run one at a time inside a `lax.scan`
 (`Cell`), so XLA compiles one loop body per cell (two for a reduction cell) instead of every edge:
