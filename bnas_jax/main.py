@@ -116,6 +116,10 @@ def main(argv):
     result = get_runner(config.mode)(config, workdir)
   except (errors.ConfigError, input_pipeline.DatasetError) as e:  # bad input, named: no traceback
     _exit_with_error(e)
+  except errors.NonFiniteError as e:
+    # The run diverged; the message names the kept checkpoint and the fix. Exit 1: not bad input.
+    print(f"bnas_jax.main: error: {e}", file=sys.stderr)
+    sys.exit(1)
   stopped_by = getattr(result, "stopped_by", "")
   if stopped_by:  # checkpointed and stopped by SIGINT / SIGTERM: the shell's 128 + signal code
     sys.exit(128 + int(getattr(signal, stopped_by)))

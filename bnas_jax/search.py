@@ -82,7 +82,7 @@ CONFIG_YAML = "config.yaml"
 PENALTY_MODES = ("subgradient", "proximal")
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.NonFiniteError):
   """A non-finite loss, gradient or prior state stopped the run (the last good checkpoint stays)."""
 
 

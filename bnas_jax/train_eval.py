@@ -54,7 +54,7 @@ CONFIG_JSON = "config.json"
 RESULTS_JSON = "results.json"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.NonFiniteError):
   """The training loss became NaN/inf (the last good checkpoint is kept)."""
 
 

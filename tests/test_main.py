@@ -116,6 +116,15 @@ def test_workdir_without_config_needs_a_stored_config(tmp_path):
     main_lib.load_config_from_workdir(str(tmp_path))
 
 
+def test_cli_divergence_is_one_line_with_exit_code_1(tmp_path, cifar10_subset_dir):
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data.data_dir={cifar10_subset_dir}", "--config.debug.nan_at_step=1",
+                 "--config.search.iterations=1")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "bnas_jax.main: error: non-finite loss or gradient in optimiser step 1" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_cli_run_then_resume_from_workdir_alone(tmp_path, cifar10_subset_dir):
   # T = 0 and no warm-up: the run only initialises, saves and derives the all-alive genotype, which
   # exercises the whole CLI path (config file + overrides, run directory, checkpoint) cheaply. The
