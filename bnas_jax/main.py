@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 
@@ -130,6 +131,23 @@ def _exit_with_error(e: Exception) -> None:
   sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown ``--config.<field>`` override as a one-line error.
+
+  ml_collections raises AttributeError / KeyError from inside the parser for a field the config
+  does not have; absl would print a traceback. Exits with status 2 naming the override.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    hint = re.search(r'Did you mean "([^"]+)"', str(e.args[0] if e.args else e))
+    detail = f"did you mean {hint.group(1)!r}?" if hint else "no such field"
+    print(f"bnas_jax.main: error: unknown config field in {' '.join(bad) or 'the overrides'} "
+          f"({detail}); see the experiment file or config.json for the fields", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -116,6 +116,16 @@ def test_workdir_without_config_needs_a_stored_config(tmp_path):
     main_lib.load_config_from_workdir(str(tmp_path))
 
 
+def test_cli_unknown_config_field_is_one_line_with_exit_code_2(tmp_path):
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
+                 "--config.model.edge_lop=scan")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert ("bnas_jax.main: error: unknown config field in --config.model.edge_lop=scan"
+          in proc.stderr)
+  assert "edge_loop" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_cli_divergence_is_one_line_with_exit_code_1(tmp_path, cifar10_subset_dir):
   proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
                  f"--config.data.data_dir={cifar10_subset_dir}", "--config.debug.nan_at_step=1",
