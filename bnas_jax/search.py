@@ -110,7 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
   # forward-mode AD. All compute the same function, so it may change when a run is resumed.
   c.model.dw_impl = "auto"
   # The edges of each cell (bnas_jax.models.supernet.Cell): 'scan' = one lax.scan per cell (fastest
-  # compile), 'unroll' = the same loop unrolled (on CPU a faster step, a 2-4x slower compile). Same
+  # compile), 'unroll' = the same loop unrolled (on CPU a faster step, a 2-5x slower compile). Same
   # function and parameters, so it may change when a run is resumed.
   c.model.edge_loop = "scan"
   # After pruning: 'skip' never computes a pruned op (one loop per target node and kept op set:
@@ -217,10 +217,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
   from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
-  for field, allowed in (("edge_loop", supernet.EDGE_LOOPS), ("pruned_ops", supernet.PRUNED_OPS)):
-    if config.model.get(field, allowed[0]) not in allowed:
-      raise errors.ConfigError(f"config.model.{field}={config.model[field]!r}; use one of "
-                               f"{', '.join(allowed)}")
+  try:
+    supernet.check_loop_options(config.model.get("edge_loop", "scan"),
+                                config.model.get("pruned_ops", "skip"))
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model.{e}") from None
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise errors.ConfigError(
         "config.checkpoint.every_steps and config.log_every_steps must be >= 1")

@@ -30,7 +30,7 @@ an `EdgeOps` (all candidate ops of one edge); their parameters are stacked along
 axis. Depthwise convolutions are shift-and-multiply with custom VJPs (`layers.depthwise_conv`),
 dense k x k convolutions inside the loop are im2col matrix products (`layers.conv`). With
 ``edge_loop='unroll'`` the same loop is fully unrolled: the step is faster on CPU (XLA runs
-independent edges on both cores) and the compile 2-4x slower; the parameters are the same.
+independent edges on both cores) and the compile 2-5x slower; the parameters are the same.
 An earlier formulation evaluated all edges leaving one node together in grouped form with a
 switch-routing reduction; it was slower to run and to compile (see the README).
 """
@@ -178,6 +178,14 @@ EDGE_LOOPS = ("scan", "unroll")
 PRUNED_OPS = ("skip", "mask")
 
 
+def check_loop_options(edge_loop: str, pruned_ops: str) -> None:
+  """Raises ValueError naming `edge_loop` / `pruned_ops` if not in `EDGE_LOOPS` / `PRUNED_OPS`."""
+  for name, value, allowed in (("edge_loop", edge_loop, EDGE_LOOPS),
+                               ("pruned_ops", pruned_ops, PRUNED_OPS)):
+    if value not in allowed:
+      raise ValueError(f"{name}={value!r}; use one of {', '.join(allowed)}")
+
+
 def _tree_take(tree, idx):
   return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
@@ -255,10 +263,7 @@ class Cell(nn.Module):
     if alive.shape != (n_e, n_k):
       raise ValueError(f"alive mask for {self.cell_type!r} has shape {alive.shape}, expected "
                        f"{(n_e, n_k)}")
-    if self.edge_loop not in EDGE_LOOPS:
-      raise ValueError(f"edge_loop={self.edge_loop!r}; use one of {EDGE_LOOPS}")
-    if self.pruned_ops not in PRUNED_OPS:
-      raise ValueError(f"pruned_ops={self.pruned_ops!r}; use one of {PRUNED_OPS}")
+    check_loop_options(self.edge_loop, self.pruned_ops)
     c, n_in = self.channels, topo.num_inputs
     b, h, w, _ = inputs[-1].shape
     if topo.reduction:
@@ -355,7 +360,7 @@ class Supernet(nn.Module):
       (every AD mode), ``'shift_vjp'`` (fastest training step on CPU; reverse mode only) or
       ``'lax'`` (reference; fastest on GPU).
     edge_loop: ``'scan'`` (the edges of a cell in a `lax.scan`: fastest compile) or ``'unroll'``
-      (the same loop unrolled: on CPU a faster step and a 2-4x slower compile; see the README).
+      (the same loop unrolled: on CPU a faster step and a 2-5x slower compile; see the README).
       Both compute the same function with the same parameters.
     pruned_ops: after pruning (`alive`), ``'skip'`` never computes a pruned op: the live edges of
       a cell phase that keep different op sets get one loop each per (target node, kept ops),
@@ -449,10 +454,7 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
     unknown = {t for t, _ in alive} - set(sp.cells)
     if unknown:
       raise ValueError(f"alive mask names cell types {sorted(unknown)} not in space {sp.name!r}")
-  if kw.get("edge_loop", "scan") not in EDGE_LOOPS:
-    raise ValueError(f"edge_loop={kw['edge_loop']!r}; use one of {', '.join(EDGE_LOOPS)}")
-  if kw.get("pruned_ops", "skip") not in PRUNED_OPS:
-    raise ValueError(f"pruned_ops={kw['pruned_ops']!r}; use one of {', '.join(PRUNED_OPS)}")
+  check_loop_options(kw.get("edge_loop", "scan"), kw.get("pruned_ops", "skip"))
   if "dw_impl" in kw:  # 'auto' is resolved here, so that the model names its implementation
     kw["dw_impl"] = layers.resolve_dw_impl(kw["dw_impl"])
   return Supernet(sp.name, init_channels, num_cells, num_classes, alive, **kw)
