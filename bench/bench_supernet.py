@@ -10,6 +10,7 @@ Usage:
   python bench/bench_supernet.py --configs bayesnas_official --steps 3
   python bench/bench_supernet.py --configs all --dw_impl lax
   python bench/bench_supernet.py --configs darts_cpu --edge_loop unroll
+  python bench/bench_supernet.py --configs darts_cpu --no_remat   # store the edges' activations
 
 Timings are wall-clock medians on whatever else runs on the machine; treat them as noisy.
 """
@@ -65,9 +66,11 @@ def make_step(model, tx):
   return step
 
 
-def run_config(name: str, steps: int, dw_impl: str, edge_loop: str = "scan") -> dict:
+def run_config(name: str, steps: int, dw_impl: str, edge_loop: str = "scan",
+               remat: bool = True) -> dict:
   space, c, n, b = CONFIGS[name]
-  model = supernet_lib.create_supernet(space, c, n, 10, dw_impl=dw_impl, edge_loop=edge_loop)
+  model = supernet_lib.create_supernet(space, c, n, 10, dw_impl=dw_impl, edge_loop=edge_loop,
+                                       remat=remat)
   switches = supernet_lib.init_switches(space, n)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(b, 32, 32, 3)), jnp.float32)
@@ -94,7 +97,7 @@ def run_config(name: str, steps: int, dw_impl: str, edge_loop: str = "scan") -> 
     state = out[:4]
   return {
       "config": (f"{name} ({space}, C={c}, cells={n}, batch={b}, dw={model.dw_impl}, "
-                 f"edges={model.edge_loop})"),
+                 f"edges={model.edge_loop}, remat={model.remat})"),
       "temp_gb": temp_gb,
       "weights": _count(params),
       "switches": _count(switches),
@@ -117,6 +120,8 @@ def main(argv=None):
   p.add_argument("--edge_loop", default="scan", choices=supernet_lib.EDGE_LOOPS,
                  help="the cells' edge loop (Supernet.edge_loop): 'scan' compiles fastest, "
                       "'unroll' steps fastest on CPU")
+  p.add_argument("--no_remat", dest="remat", action="store_false",
+                 help="store the edges' activations for the backward pass (Supernet.remat=False)")
   p.add_argument("--cache_dir", default="",
                  help="persistent compilation cache (bnas_jax.xla_flags.configure_cache); default "
                       "off, so that compile times are measured cold")
@@ -131,7 +136,7 @@ def main(argv=None):
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{jax.device_count()} device(s); peak RSS is per process (cumulative)")
   for nm in names:
-    r = run_config(nm, args.steps, args.dw_impl, args.edge_loop)
+    r = run_config(nm, args.steps, args.dw_impl, args.edge_loop, args.remat)
     print(f"{r['config']}: weights={r['weights']:,} switches={r['switches']} "
           f"init={r['init_s']:.1f}s compile={r['compile_s']:.1f}s step_median={r['step_median_s']:.3f}s "
           f"(min {r['step_min_s']:.3f}s) loss={r['loss']:.3f} xla_temp={r['temp_gb']:.2f}GB "

@@ -117,6 +117,10 @@ def default_config() -> ml_collections.ConfigDict:
   # slower compiles of the pruned supernet), 'mask' runs the ops kept on any edge of a cell phase
   # in one loop and zeroes the pruned ones (compiles like the full supernet). Same results.
   c.model.pruned_ops = "skip"
+  # Recompute each edge's forward pass in the backward pass instead of storing its activations
+  # (jax.checkpoint): on CPU a 20-25 % faster step and a 12x smaller activation buffer; same
+  # function and gradients, so it may change when a run is resumed.
+  c.model.remat = True
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
@@ -222,6 +226,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                                 config.model.get("pruned_ops", "skip"))
   except ValueError as e:
     raise errors.ConfigError(f"config.model.{e}") from None
+  if not isinstance(config.model.get("remat", True), bool):
+    raise errors.ConfigError(f"config.model.remat={config.model.remat!r}; use True or False")
   if config.checkpoint.every_steps < 1 or config.log_every_steps < 1:
     raise errors.ConfigError(
         "config.checkpoint.every_steps and config.log_every_steps must be >= 1")
@@ -263,7 +269,7 @@ def _curvature_batch_size(config) -> int:
 # difference is refused, because it would not match the checkpointed state or its data position.
 RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
                       "debug.", "data.data_dir", "nb201.table", "model.dw_impl",
-                      "model.edge_loop", "model.pruned_ops", "search.compile_ahead")
+                      "model.edge_loop", "model.pruned_ops", "model.remat", "search.compile_ahead")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

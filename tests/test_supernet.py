@@ -235,3 +235,29 @@ def test_unrolled_edge_loop_equals_scan_with_gradients_and_stats():
   assert not np.allclose(jax.tree.leaves(stats)[0], jax.tree.leaves(variables["batch_stats"])[0])
   with pytest.raises(ValueError, match="edge_loop='while'"):
     sn.create_supernet("darts", 4, 3, 10, edge_loop="while")
+
+
+def test_remat_equals_stored_activations():
+  # Recomputing each edge in the backward pass (Cell.remat, the default) changes nothing: output,
+  # weight and switch gradients and updated batch statistics equal those of the stored-activation
+  # graph. A darts normal cell with the custom-VJP depthwise convs of the CPU path.
+  sp = spaces.get_space("darts")
+  rng = np.random.default_rng(5)
+  inputs = tuple(jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32) for _ in range(2))
+  sw = jnp.asarray(rng.uniform(0.5, 1.5, size=sp.group_shape("normal")), jnp.float32)
+  remat = sn.Cell("darts", 4, "normal", None, False, "shift_vjp")
+  assert remat.remat
+  stored = remat.clone(remat=False)
+  variables = remat.init(jax.random.key(1), inputs, sw, train=True)
+
+  def run(cell, params, s):
+    out, upd = cell.apply({**variables, "params": params}, inputs, s, train=True,
+                          mutable=["batch_stats"])
+    return jnp.sum(out ** 2), upd["batch_stats"]
+
+  res = [jax.jit(jax.value_and_grad(lambda p, s, m=m: run(m, p, s), argnums=(0, 1),
+                                    has_aux=True))(variables["params"], sw)
+         for m in (remat, stored)]
+  for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
+  assert float(np.max(np.abs(res[0][1][1]))) > 0  # the switch gradient is not trivially zero
