@@ -67,10 +67,13 @@ def main():
   p.add_argument("--epoch_steps", type=int, default=45000 // 32,
                  help="training steps of one search epoch (45k examples / batch)")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--no_remat", dest="remat", action="store_false",
+                 help="store the edges' activations for the backward pass (Supernet.remat=False)")
   args = p.parse_args()
   names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
 
-  model = supernet_lib.create_supernet(args.space, args.channels, args.cells, args.classes)
+  model = supernet_lib.create_supernet(args.space, args.channels, args.cells, args.classes,
+                                       remat=args.remat)
   switches = supernet_lib.init_switches(args.space, args.cells)
   kx, ky, ki, ks = jax.random.split(jax.random.PRNGKey(0), 4)
   images = jax.random.normal(kx, (args.batch, 32, 32, 3))
