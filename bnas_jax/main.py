@@ -61,6 +61,8 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
 
   Raises:
     FileNotFoundError: if the workdir holds no config.json (then pass --config).
+    errors.ConfigError: if config.json has a field the runner does not know or a value of the
+      wrong type (e.g. after a hand edit), naming the fields.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
@@ -74,9 +76,28 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   if config is None:
     config = ml_collections.ConfigDict(stored)
   else:
-    config.update(stored)
+    unknown = sorted(set(_field_names(stored)) - set(_field_names(config.to_dict())))
+    if unknown:
+      raise errors.ConfigError(
+          f"{path} has fields this version of bnas_jax does not know: {', '.join(unknown)}; "
+          "remove them from config.json (or start a new run with --config)")
+    try:
+      config.update(stored)
+    except TypeError as e:
+      raise errors.ConfigError(f"{path}: {e}; fix the value in config.json") from None
   config.lock()
   return config
+
+
+def _field_names(tree: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the leaves of a nested dict (a dict value counts as a leaf if empty)."""
+  out = []
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.extend(_field_names(v, f"{prefix}{k}."))
+    else:
+      out.append(f"{prefix}{k}")
+  return out
 
 
 def get_runner(mode: str):
@@ -96,7 +117,7 @@ def main(argv):
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
   try:
     config = FLAGS.config if FLAGS.config is not None else load_config_from_workdir(workdir)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, errors.ConfigError) as e:
     _exit_with_error(e)
 
   distributed = FLAGS.distributed
@@ -140,9 +161,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    hint = re.search(r'Did you mean "([^"]+)"', str(e.args[0] if e.args else e))
-    detail = f"did you mean {hint.group(1)!r}?" if hint else "no such field"
+    msg = str(e.args[0] if e.args else e)
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    key = re.match(r"\W*([\w-]+)", msg)
+    # The override naming the unknown key (ml_collections' message starts with the key).
+    bad = [a for a in overrides
+           if key and key.group(1) in a.split("=", 1)[0].split(".")[1:]] or overrides
+    hint = re.search(r'Did you mean "([^"]+)"', msg)
+    if hint and bad and len(bad) == 1:  # the full dotted name of the suggestion
+      path = bad[0].split("=", 1)[0][len("--config."):].split(".")
+      detail = f"did you mean {'.'.join(path[:-1] + [hint.group(1)])!r}?"
+    else:
+      detail = f"did you mean {hint.group(1)!r}?" if hint else "no such field"
     print(f"bnas_jax.main: error: unknown config field in {' '.join(bad) or 'the overrides'} "
           f"({detail}); see the experiment file or config.json for the fields", file=sys.stderr)
     sys.exit(2)

@@ -13,6 +13,7 @@ import pytest
 
 from bnas_jax import checkpointing
 from bnas_jax import config_files
+from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import main as main_lib
 from bnas_jax import search
@@ -116,13 +117,32 @@ def test_workdir_without_config_needs_a_stored_config(tmp_path):
     main_lib.load_config_from_workdir(str(tmp_path))
 
 
+def test_hand_edited_stored_config_is_refused_naming_the_field(tmp_path):
+  config = config_files.load("experiments/tiny.py").get_config()
+  stored = json.loads(config.to_json_best_effort())
+  bad_type = json.loads(json.dumps(stored))
+  bad_type["model"]["remat"] = "yes"
+  extra = json.loads(json.dumps(stored))
+  extra["model"]["no_such"] = 1
+  for i, (tree, pattern) in enumerate(((bad_type, "remat"), (extra, "model.no_such"))):
+    workdir = tmp_path / str(i)
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(tree))
+    with pytest.raises(errors.ConfigError, match=pattern):
+      main_lib.load_config_from_workdir(str(workdir))
+  (tmp_path / "ok").mkdir()
+  (tmp_path / "ok" / "config.json").write_text(json.dumps(stored))
+  assert main_lib.load_config_from_workdir(str(tmp_path / "ok")).model.remat is True
+
+
 def test_cli_unknown_config_field_is_one_line_with_exit_code_2(tmp_path):
   proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
-                 "--config.model.edge_lop=scan")
+                 "--config.search.iterations=1", "--config.model.edge_lop=scan")
   assert proc.returncode == 2, proc.stderr[-3000:]
-  assert ("bnas_jax.main: error: unknown config field in --config.model.edge_lop=scan"
-          in proc.stderr)
-  assert "edge_loop" in proc.stderr and "Traceback" not in proc.stderr
+  # Only the bad override is named, with the full dotted name of the suggestion.
+  assert ("bnas_jax.main: error: unknown config field in --config.model.edge_lop=scan "
+          "(did you mean 'model.edge_loop'?)" in proc.stderr), proc.stderr[-3000:]
+  assert "iterations" not in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "run").exists()
 
 

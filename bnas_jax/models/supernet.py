@@ -383,10 +383,10 @@ class Supernet(nn.Module):
       multiplies the pruned ones by 0 (compiles like the full supernet, computes more).
     remat: recompute each edge's forward pass in the backward pass (`jax.checkpoint` of the
       edge, saving nothing but its input) instead of storing its activations. Same function and
-      gradients. On this 2-core CPU it made the 5-cell C = 8 batch-32 training step 20-25 %
-      faster (darts 3.1-3.4 s -> 2.1-2.5 s, bayesnas 2.4-2.5 s -> 1.6-2.0 s; XLA:CPU is bound by
-      the memory traffic of the stored activations) and cut XLA's activation buffer 12-fold
-      (1.5 GB -> 0.12 GB). Not measured on a GPU, where recomputing costs relatively more.
+      gradients. On this 2-core CPU it made the training step 20-40 % faster (5-cell C = 8
+      batch 32: darts 3.1-3.4 s -> 2.1-2.5 s, bayesnas 2.4-2.6 s -> 1.6-2.0 s; XLA:CPU is bound
+      by the memory traffic of the stored activations) and cut XLA's activation buffer 5-17-fold
+      (darts 1.5 GB -> 0.12 GB). Not measured on a GPU, where recomputing costs relatively more.
   """
   space: str
   init_channels: int
