@@ -172,7 +172,7 @@ def test_shift_vjp_supernet_equals_lax_in_values_grads_and_ggn_fast(tiny):
 # The edge loop (Cell: lax.scan over edges with stacked parameters) against a per-edge reference.
 
 
-def _cell_case(space, cell_type, edge_loop="scan", alive=None):
+def _cell_case(space, cell_type, edge_loop="scan", alive=None, dw_impl="lax"):
   sp = spaces.get_space(space)
   topo = sp.cells[cell_type]
   c, hw = 4, 8
@@ -180,7 +180,7 @@ def _cell_case(space, cell_type, edge_loop="scan", alive=None):
   inputs = tuple(jnp.asarray(rng.normal(size=(2, hw, hw, c)), jnp.float32)
                  for _ in range(topo.num_inputs))
   sw = jnp.asarray(rng.uniform(0.5, 1.5, size=sp.group_shape(cell_type)), jnp.float32)
-  cell = sn.Cell(space, c, cell_type, alive, False, "lax", edge_loop)
+  cell = sn.Cell(space, c, cell_type, alive, False, dw_impl, edge_loop)
   variables = cell.init(jax.random.key(0), inputs, sw, train=True)
   return sp, topo, cell, variables, inputs, sw
 
@@ -215,20 +215,23 @@ def test_cell_equals_per_edge_reference(space, cell_type):
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-def test_unrolled_edge_loop_equals_scan_with_gradients_and_stats():
-  # bayesnas reduction cell: stride-2 and stride-1 phases, dense dilated convs (im2col in the scan,
-  # lax convs unrolled), batch statistics updated through the loop.
-  _, _, scan, variables, inputs, sw = _cell_case("bayesnas", "reduce")
-  unrolled = scan.clone(edge_loop="unroll")
+def _loss_grads_and_stats(cell, variables, inputs, sw):
+  """((sum of squared cell outputs, updated batch stats), (weight grads, switch grads))."""
 
-  def run(cell, params, s):
+  def run(params, s):
     out, upd = cell.apply({**variables, "params": params}, inputs, s, train=True,
                           mutable=["batch_stats"])
     return jnp.sum(out ** 2), upd["batch_stats"]
 
-  res = [jax.jit(jax.value_and_grad(lambda p, s, m=m: run(m, p, s), argnums=(0, 1),
-                                    has_aux=True))(variables["params"], sw)
-         for m in (scan, unrolled)]
+  return jax.jit(jax.value_and_grad(run, argnums=(0, 1), has_aux=True))(variables["params"], sw)
+
+
+def test_unrolled_edge_loop_equals_scan_with_gradients_and_stats():
+  # bayesnas reduction cell: stride-2 and stride-1 phases, dense dilated convs (im2col in the scan,
+  # lax convs unrolled), batch statistics updated through the loop.
+  _, _, scan, variables, inputs, sw = _cell_case("bayesnas", "reduce")
+  res = [_loss_grads_and_stats(m, variables, inputs, sw)
+         for m in (scan, scan.clone(edge_loop="unroll"))]
   for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):  # float32 rounding only
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
   stats = res[0][0][1]
@@ -241,23 +244,10 @@ def test_remat_equals_stored_activations():
   # Recomputing each edge in the backward pass (Cell.remat, the default) changes nothing: output,
   # weight and switch gradients and updated batch statistics equal those of the stored-activation
   # graph. A darts normal cell with the custom-VJP depthwise convs of the CPU path.
-  sp = spaces.get_space("darts")
-  rng = np.random.default_rng(5)
-  inputs = tuple(jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32) for _ in range(2))
-  sw = jnp.asarray(rng.uniform(0.5, 1.5, size=sp.group_shape("normal")), jnp.float32)
-  remat = sn.Cell("darts", 4, "normal", None, False, "shift_vjp")
+  _, _, remat, variables, inputs, sw = _cell_case("darts", "normal", dw_impl="shift_vjp")
   assert remat.remat
-  stored = remat.clone(remat=False)
-  variables = remat.init(jax.random.key(1), inputs, sw, train=True)
-
-  def run(cell, params, s):
-    out, upd = cell.apply({**variables, "params": params}, inputs, s, train=True,
-                          mutable=["batch_stats"])
-    return jnp.sum(out ** 2), upd["batch_stats"]
-
-  res = [jax.jit(jax.value_and_grad(lambda p, s, m=m: run(m, p, s), argnums=(0, 1),
-                                    has_aux=True))(variables["params"], sw)
-         for m in (remat, stored)]
+  res = [_loss_grads_and_stats(m, variables, inputs, sw)
+         for m in (remat, remat.clone(remat=False))]
   for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
   assert float(np.max(np.abs(res[0][1][1]))) > 0  # the switch gradient is not trivially zero

@@ -33,7 +33,7 @@ dense k x k convolutions inside the loop are im2col matrix products (`layers.con
 independent edges on both cores) and the compile 2-5x slower; the parameters are the same.
 By default (``remat=True``) each edge is a `jax.checkpoint`: the backward pass recomputes the
 edge from its input instead of reading stored activations, which on CPU is faster (the step is
-bound by memory traffic) and needs a twelfth of the activation memory.
+bound by memory traffic) and needs 5-17x less activation memory.
 An earlier formulation evaluated all edges leaving one node together in grouped form with a
 switch-routing reduction; it was slower to run and to compile (see the README).
 """
