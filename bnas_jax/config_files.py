@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import types
+from typing import Any, Mapping
 
 
 def load_sibling(anchor_file: str, name: str) -> types.ModuleType:
@@ -33,3 +34,14 @@ def load(path: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{'a.b': leaf}`` for a nested mapping such as a config's JSON (empty mappings vanish)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

@@ -32,6 +32,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from bnas_jax import config_files
 from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import xla_flags
@@ -76,7 +77,8 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   if config is None:
     config = ml_collections.ConfigDict(stored)
   else:
-    unknown = sorted(set(_field_names(stored)) - set(_field_names(config.to_dict())))
+    known = set(config_files.flatten(config.to_dict()))
+    unknown = sorted(set(config_files.flatten(stored)) - known)
     if unknown:
       raise errors.ConfigError(
           f"{path} has fields this version of bnas_jax does not know: {', '.join(unknown)}; "
@@ -87,17 +89,6 @@ def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
       raise errors.ConfigError(f"{path}: {e}; fix the value in config.json") from None
   config.lock()
   return config
-
-
-def _field_names(tree: dict, prefix: str = "") -> list[str]:
-  """Dotted names of the leaves of a nested dict (a dict value counts as a leaf if empty)."""
-  out = []
-  for k, v in tree.items():
-    if isinstance(v, dict) and v:
-      out.extend(_field_names(v, f"{prefix}{k}."))
-    else:
-      out.append(f"{prefix}{k}")
-  return out
 
 
 def get_runner(mode: str):

@@ -65,6 +65,7 @@ import optax
 
 from bnas_jax import bayes
 from bnas_jax import checkpointing
+from bnas_jax import config_files
 from bnas_jax import curvature as curvature_lib
 from bnas_jax import errors
 from bnas_jax import input_pipeline
@@ -280,8 +281,8 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     with open(path) as f:
       old = f.read()
     if old != text:
-      stored = _flatten(json.loads(old))
-      new = _flatten(json.loads(text))
+      stored = config_files.flatten(json.loads(old))
+      new = config_files.flatten(json.loads(text))
       diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
       # Fields absent from the stored config were added to bnas_jax after that run started.
       unsafe = [k for k in diff if k in stored and not k.startswith(RESUME_SAFE_FIELDS)]
@@ -299,16 +300,6 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(text)
   with open(os.path.join(workdir, CONFIG_YAML), "w") as f:
     f.write(config.to_yaml())
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 # --------------------------------------------------------------------------------------------------
