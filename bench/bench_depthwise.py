@@ -1,9 +1,10 @@
 """Benchmark of the depthwise-conv implementations (`bnas_jax.models.layers.depthwise_conv`).
 
-For the wave-grouped depthwise convs of a supernet (G edges' inputs stacked along channels), it
-times forward + backward (gradients w.r.t. input and kernel) of every implementation on this
-machine's default device and prints a table, then the fastest implementation over all shapes as the
-last line (``best: <impl>``), so a script can pass it to ``--config.model.dw_impl``.
+For the depthwise convs of a supernet at its three resolutions (each edge's depthwise conv is one
+such call in the supernet's edge loop), it times forward + backward (gradients w.r.t. input and
+kernel) of every implementation on this machine's default device and prints a table, then the
+fastest implementation over all shapes as the last line (``best: <impl>``), so a script can pass
+it to ``--config.model.dw_impl``.
 
 Usage:
   python bench/bench_depthwise.py                       # official supernet shapes (C = 36, B = 18)
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--channels", type=int, default=36, help="C of the supernet (official 36)")
   parser.add_argument("--batch", type=int, default=18, help="batch size (official 18)")
-  parser.add_argument("--groups", type=int, default=4, help="edges stacked per wave")
+  parser.add_argument("--groups", type=int, default=1,
+                      help="channel multiplier (1: one edge's input, as in the supernet)")
   parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of implementations")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--json", default="", help="also write the figures to this JSON file")

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from bnas_jax import errors
+
 STATE = "state"
 META = "meta"
 
@@ -83,14 +85,26 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: if there is no checkpoint in the directory.
+      bnas_jax.errors.ConfigError: if the stored state has another tree structure or other shapes
+        than `abstract_state` (another config, or a checkpoint of an older parameter layout); the
+        message names the checkpoint and the fix.
     """
     if index is None:
       index = self.latest_index()
     if index is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract_state = jax.tree.map(_as_abstract, abstract_state)
-    restored = self._manager.restore(index, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    try:
+      restored = self._manager.restore(index, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    except (ValueError, KeyError, TypeError) as e:
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise errors.ConfigError(
+          f"checkpoint #{index} in {self.directory} does not match the state of this config and "
+          "bnas_jax version (another space or model size, or a checkpoint written before a "
+          "parameter layout change: the supernet's per-edge parameters and the ops' single "
+          "parameter copy without a group axis, both 2026-11-30); resume it with the version "
+          f"that wrote it or start a new --workdir ({type(e).__name__}: {first})") from e
     return restored[STATE], dict(restored[META])
 
   def restore_meta(self, index: int | None = None) -> dict[str, Any] | None:

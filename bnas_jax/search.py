@@ -1000,15 +1000,7 @@ class _Runner:
     if latest is None:
       logging.info("starting a new search in %s", self.workdir)
       return self.fresh_state(), _Position()
-    try:
-      state, meta = self.ckpt.restore(self.abstract_state(), latest)
-    except (ValueError, KeyError, TypeError) as e:
-      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-      raise errors.ConfigError(
-          f"checkpoint #{latest} in {self.ckpt.directory} does not match the state of this "
-          "config and bnas_jax version (a different space, model size, or a run written before "
-          "the supernet's per-edge parameter layout of 2026-11-30); resume it with the version "
-          f"that wrote it or start a new --workdir ({type(e).__name__}: {first})") from e
+    state, meta = self.ckpt.restore(self.abstract_state(), latest)  # ConfigError on mismatch
     self.save_index = latest
     self.last_good = (latest, meta["position"]["global_step"])
     self.history = list(meta.get("history", []))

@@ -18,6 +18,7 @@ import pytest
 
 from bnas_jax import checkpointing
 from bnas_jax import count as count_lib
+from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
 from bnas_jax.models import eval_net
 from bnas_jax.models import layers
@@ -164,6 +165,19 @@ def test_save_then_restore_gives_identical_logits(tiny, tmp_path):
   restored, meta = checkpointing.Checkpointer(str(tmp_path / "ckpt")).restore(abstract)
   assert meta == {"note": "eval_net test"}
   np.testing.assert_array_equal(before, np.asarray(eval_apply(restored, images)))
+  # A checkpoint of the older layout (a leading group axis of 1 on every op parameter) is refused
+  # with a ConfigError naming the checkpoint and the fix, not an orbax traceback.
+  old = jax.tree.map(lambda x: x[None], variables)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "old"), async_save=False)
+  ckpt.save(3, old, {"note": "old layout"})
+  ckpt.close()
+  with pytest.raises(errors.ConfigError, match=r"checkpoint #3 in .*old does not match .* new "
+                     r"--workdir \(ValueError: .*shape"):
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "old"))
+    try:
+      ckpt.restore(abstract)
+    finally:
+      ckpt.close()
 
 
 def test_bayesnas_flavour_structure():

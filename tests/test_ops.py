@@ -145,51 +145,6 @@ def test_im2col_conv_equals_lax_conv_with_gradients(k, stride, dilation):
     layers.conv(x, w, padding=pad, impl="cudnn")
 
 
-def test_grouped_conv_and_pointwise_equal_per_group_lax():
-  x = _x((2, 9, 9, 3 * 4))
-  wk = _x((3, 3, 3, 4, 6), seed=1)
-  got = layers.grouped_conv(x, wk, stride=2, padding=2, dilation=2)
-  wp = _x((3, 4, 6), seed=2)
-  got_p = layers.grouped_pointwise(x, wp, stride=2)
-  for g in range(3):
-    xg = x[..., 4 * g:4 * (g + 1)]
-    ref = lax.conv_general_dilated(xg, wk[g], (2, 2), [(2, 2)] * 2, rhs_dilation=(2, 2),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(got[..., 6 * g:6 * (g + 1)], ref, rtol=1e-5, atol=1e-5)
-    ref_p = lax.conv_general_dilated(xg, wp[g][None, None], (2, 2), [(0, 0)] * 2,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(got_p[..., 6 * g:6 * (g + 1)], ref_p, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("impl", ["einsum", "blockdiag"])
-def test_grouped_pointwise_impls_equal_per_group_dot_with_gradients(impl):
-  x = _x((2, 5, 5, 3 * 4))
-  wp = _x((3, 4, 6), seed=2)
-  ct = _x((2, 3, 3, 3 * 6), seed=3)
-
-  def ref_fn(a, k):  # G separate 1x1 convs, concatenated
-    a = a[:, ::2, ::2]
-    return jnp.concatenate([a[..., 4 * g:4 * (g + 1)] @ k[g] for g in range(3)], axis=-1)
-
-  def fast_fn(a, k):
-    return layers.grouped_pointwise(a, k, stride=2, impl=impl)
-
-  np.testing.assert_allclose(fast_fn(x, wp), ref_fn(x, wp), rtol=1e-5, atol=1e-5)
-  g_fast = jax.grad(lambda a, k: jnp.sum(ct * fast_fn(a, k)), argnums=(0, 1))(x, wp)
-  g_ref = jax.grad(lambda a, k: jnp.sum(ct * ref_fn(a, k)), argnums=(0, 1))(x, wp)
-  for a, b in zip(g_fast, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_auto_pointwise_impl_is_blockdiag_only_for_narrow_cpu_layers():
-  assert layers.resolve_pw_impl("auto", layers.BLOCKDIAG_MAX_WIDTH, "cpu") == "blockdiag"
-  assert layers.resolve_pw_impl("auto", layers.BLOCKDIAG_MAX_WIDTH + 1, "cpu") == "einsum"
-  assert layers.resolve_pw_impl("auto", 16, "gpu") == "einsum"
-  assert layers.resolve_pw_impl("einsum", 16, "cpu") == "einsum"
-  with pytest.raises(ValueError, match="unknown grouped 1x1 impl"):
-    layers.grouped_pointwise(jnp.zeros((1, 2, 2, 4)), jnp.zeros((2, 2, 2)), impl="gemm")
-
-
 def _np_pool(x, stride, kind, pad_value, count_include_pad):
   b, h, w, c = x.shape
   xp = np.full((b, h + 2, w + 2, c), pad_value, np.float64)
@@ -301,58 +256,24 @@ def test_batchnorm_matches_flax_and_pytorch_running_update():
   x = _x((4, 5, 5, 6)) * 3 + 1
   bn = ops_lib.BatchNorm(True)
   v = bn.init(jax.random.key(0), x, train=True)
-  params = {"scale": _x((1, 6), 1) + 1, "bias": _x((1, 6), 2)}
+  assert jax.tree_util.tree_map(jnp.shape, v) == {
+      "params": {"scale": (6,), "bias": (6,)}, "batch_stats": {"mean": (6,), "var": (6,)}}
+  params = {"scale": _x((6,), 1) + 1, "bias": _x((6,), 2)}
   y, st = bn.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
                    mutable=["batch_stats"])
   ref = nn.BatchNorm(use_running_average=False, epsilon=1e-5)
   rv = ref.init(jax.random.key(0), x)
-  y_ref = ref.apply({"params": {"scale": params["scale"][0], "bias": params["bias"][0]},
-                     "batch_stats": rv["batch_stats"]}, x, mutable=["batch_stats"])[0]
+  y_ref = ref.apply({"params": params, "batch_stats": rv["batch_stats"]}, x,
+                    mutable=["batch_stats"])[0]
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   xn = np.asarray(x, np.float64).reshape(-1, 6)
-  np.testing.assert_allclose(st["batch_stats"]["mean"][0], 0.1 * xn.mean(0), rtol=1e-5)
-  np.testing.assert_allclose(st["batch_stats"]["var"][0], 0.9 + 0.1 * xn.var(0, ddof=1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(st["batch_stats"]["mean"], 0.1 * xn.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(st["batch_stats"]["var"], 0.9 + 0.1 * xn.var(0, ddof=1), rtol=1e-5)
   # Eval mode uses the running statistics.
   y_eval = bn.apply({"params": params, "batch_stats": st["batch_stats"]}, x, train=False)
-  m, var = st["batch_stats"]["mean"][0], st["batch_stats"]["var"][0]
-  np.testing.assert_allclose(y_eval, (x - m) / np.sqrt(var + 1e-5) * params["scale"][0]
-                             + params["bias"][0], rtol=1e-5, atol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------
-# Grouped form == independent single ops with the corresponding parameter slices.
-
-
-def _slice_tree(tree, g):
-  return jax.tree_util.tree_map(lambda a: a[g:g + 1], tree)
-
-
-@pytest.mark.parametrize("family,name,stride", [
-    ("bayesnas", "sep5", 2), ("bayesnas", "dil3", 1), ("bayesnas", "ident", 2),
-    ("darts", "sep_conv_3x3", 2), ("darts", "dil_conv_5x5", 1), ("darts", "skip_connect", 2),
-    ("nb201", "nor_conv_3x3", 1)])
-def test_grouped_op_equals_single_ops(family, name, stride):
-  groups, select, c = 4, (0, 2, 3), 4
-  x = _x((3, 8, 8, len(select) * c))
-  # Depthwise impl 'lax' keeps this eager test fast (the fast impls == 'lax' is tested above).
-  kw = {"dw_impl": "lax"}
-  grouped = ops_lib.get_op(family, name, c, stride, groups=groups, select=select, **kw)
-  full = ops_lib.get_op(family, name, c, stride, groups=groups, **kw)
-  v = full.init(jax.random.key(3), jnp.zeros((3, 8, 8, groups * c)), train=True)
-  y, st = grouped.apply(v, x, train=True, mutable=["batch_stats"])
-  single = ops_lib.get_op(family, name, c, stride, **kw)
-  for j, g in enumerate(select):
-    vg = jax.tree_util.tree_map(lambda a: a[g:g + 1], v)
-    yg, stg = single.apply(vg, x[..., j * c:(j + 1) * c], train=True, mutable=["batch_stats"])
-    np.testing.assert_allclose(y[..., j * c:(j + 1) * c], yg, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(_slice_tree(st, g)),
-                    jax.tree_util.tree_leaves(stg)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # Unselected groups keep their running statistics.
-  for a, b in zip(jax.tree_util.tree_leaves(_slice_tree(st, 1)),
-                  jax.tree_util.tree_leaves(_slice_tree(v["batch_stats"], 1))):
-    np.testing.assert_array_equal(a, b)
+  m, var = st["batch_stats"]["mean"], st["batch_stats"]["var"]
+  np.testing.assert_allclose(y_eval, (x - m) / np.sqrt(var + 1e-5) * params["scale"]
+                             + params["bias"], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -9,12 +9,8 @@ step took 9.2 s against 1.5-2 s in PyTorch). Here
   and sum into one loop, and the backward pass is the same pattern again; it equals
   ``lax.conv_general_dilated`` with ``feature_group_count=C`` (tested in ``tests/test_ops.py``);
 * a 1 x 1 convolution is a matrix product over the channel axis (``dot_general``);
-* "grouped" tensors hold G independent edges of a cell side by side on the channel axis
-  (``[B, H, W, G * C]``); grouped 1 x 1 convolutions are one matrix product (block-diagonal
-  kernel on CPU for narrow layers, else batched over the groups), so the ops of all edges leaving
-  the same node run as a few large kernels instead of many small ones;
-* batch norm keeps per-group parameters ``[G, C]`` so that the supernet can select any subset of
-  its edges (pruned edges cost nothing) without changing the parameter tree.
+* a dense k x k convolution inside the supernet's edge loop is an im2col matrix product (`conv`);
+* 3 x 3 max and average pooling are shifted slices with custom VJPs (`max_pool`, `avg_pool`).
 
 All functions are pure; kernels follow the PyTorch semantics of the referenced op (explicit
 symmetric zero padding, ``floor((H + 2p - d(k-1) - 1) / s) + 1`` output size).
@@ -275,90 +271,6 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, dilation
     return jnp.dot(cols, kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]))
   return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DN)
-
-
-PW_IMPLS = ("auto", "blockdiag", "einsum")
-# Widest grouped 1 x 1 conv (G * max(C_in, C_out)) that 'auto' runs as one block-diagonal matrix
-# product on CPU. Measured on the official bayesnas supernet (C = 36, 2-core CPU, train step):
-# step 16.7 s (einsum) / 15.4 s (always block-diagonal) / 14.9 s (this threshold), compile 63 /
-# 62 / 53 s. Above it the G-fold wasted multiply-adds of the zero blocks cost more than they save
-# (a lone f32[18, 8, 8, 8 * 144] layer: 81 ms against 51 ms, forward + backward).
-BLOCKDIAG_MAX_WIDTH = 256
-
-
-def resolve_pw_impl(impl: str, width: int, platform: str | None = None) -> str:
-  """The grouped 1 x 1 convolution formulation that `impl` names for a G * C = `width` layer.
-
-  ``'auto'`` is ``'blockdiag'`` on CPU for ``width <= BLOCKDIAG_MAX_WIDTH`` and ``'einsum'``
-  otherwise (on GPU/TPU always: not measured there with ``'blockdiag'``).
-
-  Raises:
-    ValueError: for a name not in `PW_IMPLS`.
-  """
-  if impl not in PW_IMPLS:
-    raise ValueError(f"unknown grouped 1x1 impl {impl!r}; use one of {', '.join(PW_IMPLS)}")
-  if impl != "auto":
-    return impl
-  platform = platform or jax.default_backend()
-  return "blockdiag" if platform == "cpu" and width <= BLOCKDIAG_MAX_WIDTH else "einsum"
-
-
-def grouped_pointwise(x: Array, kernel: Array, *, stride: int = 1, impl: str = "auto") -> Array:
-  """G independent 1 x 1 convolutions on a grouped tensor.
-
-  Args:
-    x: f32[B, H, W, G * Ci] (group g occupies channels g*Ci .. (g+1)*Ci - 1).
-    kernel: f32[G, Ci, Co].
-    stride: spatial subsampling (a 1 x 1 conv with stride s and no padding).
-    impl: ``'einsum'`` (a batched matrix product over the G groups; XLA:CPU surrounds it with
-      transposes of the activations), ``'blockdiag'`` (one ``[B*H*W, G*Ci] x [G*Ci, G*Co]``
-      product with the block-diagonal kernel: G times the multiply-adds, but no transposes and
-      one library call; faster to compile and to run on CPU for small G * C) or ``'auto'``
-      (`resolve_pw_impl`).
-
-  Returns:
-    f32[B, H', W', G * Co].
-
-  Raises:
-    ValueError: on a kernel/input mismatch or an unknown `impl`.
-  """
-  g, ci, co = kernel.shape
-  if x.shape[-1] != g * ci:
-    raise ValueError(f"grouped 1x1 kernel {kernel.shape} does not fit input {x.shape}")
-  impl = resolve_pw_impl(impl, g * max(ci, co))
-  if stride > 1:
-    x = x[:, ::stride, ::stride, :]
-  if g == 1:
-    return jnp.dot(x, kernel[0])
-  if impl == "blockdiag":
-    eye = jnp.eye(g, dtype=kernel.dtype)
-    return jnp.dot(x, (kernel[:, :, None, :] * eye[:, None, :, None]).reshape(g * ci, g * co))
-  b, h, w, _ = x.shape
-  y = jnp.einsum("bhwgi,gio->bhwgo", x.reshape(b, h, w, g, ci), kernel)
-  return y.reshape(b, h, w, g * co)
-
-
-def grouped_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, impl: str = "lax") -> Array:
-  """G independent dense k x k convolutions on a grouped tensor.
-
-  Args:
-    x: f32[B, H, W, G * Ci].
-    kernel: f32[G, k, k, Ci, Co].
-
-  Returns:
-    f32[B, Ho, Wo, G * Co].
-  """
-  g, k, _, ci, co = kernel.shape
-  if x.shape[-1] != g * ci:
-    raise ValueError(f"grouped conv kernel {kernel.shape} does not fit input {x.shape}")
-  if g == 1:
-    return conv(x, kernel[0], stride=stride, padding=padding, dilation=dilation, impl=impl)
-  # XLA:CPU runs feature_group_count convolutions through a slow path (a G = 7, C = 8 dilated 5x5
-  # took 15 s against 0.3 s as G dense convolutions), so the groups are separate convolutions.
-  return jnp.concatenate(
-      [conv(x[..., i * ci:(i + 1) * ci], kernel[i], stride=stride, padding=padding,
-            dilation=dilation, impl=impl) for i in range(g)], axis=-1)
 
 
 def _axis_shifts(a: Array, kernel: int, stride: int, axis: int, n_out: int):

@@ -20,14 +20,9 @@ Families:
   False), ``avg_pool_3x3`` (``count_include_pad=False``), ``factorized_reduce``, ``relu_conv_bn``
   and the ResNet basic block between stages (``resnet_basic_block``).
 
-Grouped form: every op with parameters also accepts
-``groups=G`` and ``select=(g, ...)``. The op then holds G independent copies of its parameters
-(leading axis G, e.g. G edges of a cell) and is applied to the copies
-`select` (default: all), whose inputs lie side by side on the channel axis,
-``x: f32[B, H, W, len(select) * C]``. With the default ``groups=1`` an op is the plain single op of
-the reference code (parameter counts identical: conv = out x in/groups x k x k, BN = 2C if affine).
-The supernet used the grouped form for the edges leaving one node until it moved to a loop over
-single edges (`bnas_jax.models.supernet.Cell`); it now builds every op with ``groups=1``.
+Every op is the plain single op of the reference code (parameter counts identical: conv =
+out x in x k x k, depthwise conv = C x k x k, BN = 2C if affine). The supernet stacks the
+parameters of the edges of a cell along a leading edge axis itself (`bnas_jax.models.supernet`).
 Batch norm uses batch statistics when ``train=True`` (running averages are updated only when the
 ``'batch_stats'`` collection is mutable) and the running averages otherwise; PyTorch defaults
 (momentum 0.1, eps 1e-5, unbiased running variance).
@@ -35,12 +30,11 @@ Batch norm uses batch statistics when ``train=True`` (running averages are updat
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnas_jax.models import layers
 
@@ -51,65 +45,37 @@ BN_EPS = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
-# Grouped building blocks.
+# Building blocks.
 
 
-class _Grouped(nn.Module):
-  """Mixin: G stacked parameter copies, of which `select` are used."""
-
-  def _n_sel(self) -> int:
-    return self.groups if self.select is None else len(self.select)
-
-  def _gparam(self, name: str, init: Callable, shape: Sequence[int]) -> Array:
-    if self.groups < 1:
-      raise ValueError(f"{type(self).__name__}: groups must be >= 1, got {self.groups}")
-    p = self.param(name, init, (self.groups, *shape))
-    return p if self.select is None else p[np.asarray(self.select, np.int32)]
-
-  def _split_channels(self, x: Array) -> int:
-    n = self._n_sel()
-    if x.shape[-1] % n:
-      raise ValueError(f"{type(self).__name__}: input channels {x.shape[-1]} are not a multiple "
-                       f"of the number of selected groups {n}")
-    return x.shape[-1] // n
-
-
-class BatchNorm(_Grouped):
-  """Grouped batch norm over ``f32[B, H, W, n_sel * C]``; parameters ``[groups, C]``.
+class BatchNorm(nn.Module):
+  """Batch norm over ``f32[B, H, W, C]``; parameters and running statistics ``f32[C]``.
 
   Attributes:
     affine: learnable scale and bias (PyTorch ``affine``).
-    groups, select: see the module docstring.
   """
   affine: bool = True
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    c = self._split_channels(x)
-    n = self._n_sel()
-    g_mean = self.variable("batch_stats", "mean", jnp.zeros, (self.groups, c), jnp.float32)
-    g_var = self.variable("batch_stats", "var", jnp.ones, (self.groups, c), jnp.float32)
-    idx = None if self.select is None else np.asarray(self.select, np.int32)
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if train:
       mean, var = layers.batch_norm_stats(x)
       if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
         count = x.shape[0] * x.shape[1] * x.shape[2]
         unbiased = var * (count / max(count - 1, 1))
-        new_m = (1 - BN_MOMENTUM) * _take(g_mean.value, idx) + BN_MOMENTUM * mean.reshape(n, c)
-        new_v = (1 - BN_MOMENTUM) * _take(g_var.value, idx) + BN_MOMENTUM * unbiased.reshape(n, c)
-        g_mean.value = new_m if idx is None else g_mean.value.at[idx].set(new_m)
-        g_var.value = new_v if idx is None else g_var.value.at[idx].set(new_v)
+        ra_mean.value = (1 - BN_MOMENTUM) * ra_mean.value + BN_MOMENTUM * mean
+        ra_var.value = (1 - BN_MOMENTUM) * ra_var.value + BN_MOMENTUM * unbiased
     else:
-      mean = _take(g_mean.value, idx).reshape(-1)
-      var = _take(g_var.value, idx).reshape(-1)
+      mean, var = ra_mean.value, ra_var.value
     mul = jax.lax.rsqrt(var + BN_EPS)
     if self.affine:
-      mul = mul * self._gparam("scale", nn.initializers.ones, (c,)).reshape(-1)
+      mul = mul * self.param("scale", nn.initializers.ones, (c,))
     y = (x - mean) * mul
     if self.affine:
-      y = y + self._gparam("bias", nn.initializers.zeros, (c,)).reshape(-1)
+      y = y + self.param("bias", nn.initializers.zeros, (c,))
     return y
 
 
@@ -119,59 +85,53 @@ def _init_shortcut(fn, *args) -> Array:
   return jnp.zeros(out.shape, out.dtype)
 
 
-def _take(a: Array, idx) -> Array:
-  return a if idx is None else a[idx]
-
-
-class PointwiseConv(_Grouped):
-  """Grouped 1 x 1 convolution ``C_in -> features`` (optionally strided, optional bias)."""
+class PointwiseConv(nn.Module):
+  """1 x 1 convolution ``C_in -> features`` (optionally strided, optional bias); kernel
+  ``f32[C_in, features]``."""
   features: int
   stride: int = 1
   use_bias: bool = False
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    ci = self._split_channels(x)
-    k = self._gparam("kernel", layers.torch_uniform(ci), (ci, self.features))
-    fn = lambda a, b: layers.grouped_pointwise(a, b, stride=self.stride)
+    ci = x.shape[-1]
+    k = self.param("kernel", layers.torch_uniform(ci), (ci, self.features))
+    fn = lambda a, b: jnp.dot(a[:, ::self.stride, ::self.stride, :], b)
     y = _init_shortcut(fn, x, k) if self.is_initializing() else fn(x, k)
     if self.use_bias:
-      y = y + self._gparam("bias", layers.torch_uniform(ci), (self.features,)).reshape(-1)
+      y = y + self.param("bias", layers.torch_uniform(ci), (self.features,))
     return y
 
 
-class Conv(_Grouped):
-  """Grouped dense k x k convolution ``C_in -> features`` (PyTorch padding semantics)."""
+class Conv(nn.Module):
+  """Dense k x k convolution ``C_in -> features`` (PyTorch padding semantics); kernel
+  ``f32[k, k, C_in, features]`` (HWIO). A 1 x 1 kernel without padding is a `PointwiseConv`
+  named ``pw``."""
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
   dilation: int = 1
   use_bias: bool = False
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   impl: str = "lax"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     if self.kernel_size == 1 and self.padding == 0:
-      return PointwiseConv(self.features, self.stride, self.use_bias, self.groups, self.select,
-                           name="pw")(x)
-    ci = self._split_channels(x)
+      return PointwiseConv(self.features, self.stride, self.use_bias, name="pw")(x)
+    ci = x.shape[-1]
     k = self.kernel_size
-    w = self._gparam("kernel", layers.torch_uniform(ci * k * k), (k, k, ci, self.features))
-    fn = lambda a, b: layers.grouped_conv(a, b, stride=self.stride, padding=self.padding,
-                                          dilation=self.dilation, impl=self.impl)
+    w = self.param("kernel", layers.torch_uniform(ci * k * k), (k, k, ci, self.features))
+    fn = lambda a, b: layers.conv(a, b, stride=self.stride, padding=self.padding,
+                                  dilation=self.dilation, impl=self.impl)
     y = _init_shortcut(fn, x, w) if self.is_initializing() else fn(x, w)
     if self.use_bias:
-      y = y + self._gparam("bias", layers.torch_uniform(ci * k * k), (self.features,)).reshape(-1)
+      y = y + self.param("bias", layers.torch_uniform(ci * k * k), (self.features,))
     return y
 
 
-class DepthwiseConv(_Grouped):
-  """Grouped depthwise k x k convolution (``groups=C``, no bias); kernel ``[groups, k, k, C]``.
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k convolution (``groups=C``, no bias); kernel ``f32[k, k, C]``.
 
   Attributes:
     impl: ``'shift_vjp'`` (fastest to train on CPU; reverse-mode AD only), ``'shift'``,
@@ -182,16 +142,12 @@ class DepthwiseConv(_Grouped):
   stride: int = 1
   padding: int = 0
   dilation: int = 1
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   impl: str = "shift"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    c = self._split_channels(x)
     k = self.kernel_size
-    w = self._gparam("kernel", layers.torch_uniform(k * k), (k, k, c))
-    w = jnp.transpose(w, (1, 2, 0, 3)).reshape(k, k, -1)
+    w = self.param("kernel", layers.torch_uniform(k * k), (k, k, x.shape[-1]))
     fn = lambda a, b: layers.depthwise_conv(a, b, stride=self.stride, padding=self.padding,
                                             dilation=self.dilation, impl=self.impl)
     return _init_shortcut(fn, x, w) if self.is_initializing() else fn(x, w)
@@ -258,19 +214,17 @@ class BSepConv(nn.Module):
   channels: int
   kernel_size: int
   stride: int = 1
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   dw_impl: str = "shift"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    g, sel, k = self.groups, self.select, self.kernel_size
+    k = self.kernel_size
     for r in range(2):
-      x = BatchNorm(True, g, sel, name=f"bn{r}")(x, train=train)
+      x = BatchNorm(True, name=f"bn{r}")(x, train=train)
       x = nn.relu(x)
-      x = DepthwiseConv(k, self.stride if r == 0 else 1, k // 2, 1, g, sel, self.dw_impl,
+      x = DepthwiseConv(k, self.stride if r == 0 else 1, k // 2, 1, self.dw_impl,
                         name=f"dw{r}")(x)
-      x = PointwiseConv(self.channels, 1, False, g, sel, name=f"pw{r}")(x)
+      x = PointwiseConv(self.channels, 1, False, name=f"pw{r}")(x)
     return x
 
 
@@ -279,33 +233,27 @@ class BDilConv(nn.Module):
   channels: int
   kernel_size: int
   stride: int = 1
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    g, sel, k = self.groups, self.select, self.kernel_size
-    x = nn.relu(BatchNorm(True, g, sel, name="bn")(x, train=train))
-    x = Conv(self.channels, k, self.stride, k - 1, 2, False, g, sel, self.conv_impl,
-             name="conv")(x)
-    return PointwiseConv(self.channels, 1, False, g, sel, name="pw")(x)
+    k = self.kernel_size
+    x = nn.relu(BatchNorm(True, name="bn")(x, train=train))
+    x = Conv(self.channels, k, self.stride, k - 1, 2, False, self.conv_impl, name="conv")(x)
+    return PointwiseConv(self.channels, 1, False, name="pw")(x)
 
 
 class BIdent(nn.Module):
   """BayesNAS ``ident``: identity at stride 1; BN + 1 x 1 stride-2 conv (no ReLU) at stride 2."""
   channels: int
   stride: int = 1
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     if self.stride == 1:
       return x
-    x = BatchNorm(True, self.groups, self.select, name="bn")(x, train=train)
-    return PointwiseConv(self.channels, self.stride, False, self.groups, self.select,
-                         name="pw")(x)
+    x = BatchNorm(True, name="bn")(x, train=train)
+    return PointwiseConv(self.channels, self.stride, False, name="pw")(x)
 
 
 class CReduct(nn.Module):
@@ -342,16 +290,14 @@ class ReLUConvBN(nn.Module):
   padding: int = 0
   affine: bool = True
   use_bias: bool = False
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   conv_impl: str = "lax"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     x = nn.relu(x)
     x = Conv(self.channels, self.kernel_size, self.stride, self.padding, 1, self.use_bias,
-             self.groups, self.select, self.conv_impl, name="conv")(x)
-    return BatchNorm(self.affine, self.groups, self.select, name="bn")(x, train=train)
+             self.conv_impl, name="conv")(x)
+    return BatchNorm(self.affine, name="bn")(x, train=train)
 
 
 class DilConv(nn.Module):
@@ -362,18 +308,15 @@ class DilConv(nn.Module):
   padding: int = 0
   dilation: int = 1
   affine: bool = True
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   dw_impl: str = "shift"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    g, sel = self.groups, self.select
     x = nn.relu(x)
-    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.dilation, g, sel,
-                      self.dw_impl, name="dw")(x)
-    x = PointwiseConv(self.channels, 1, False, g, sel, name="pw")(x)
-    return BatchNorm(self.affine, g, sel, name="bn")(x, train=train)
+    x = DepthwiseConv(self.kernel_size, self.stride, self.padding, self.dilation, self.dw_impl,
+                      name="dw")(x)
+    x = PointwiseConv(self.channels, 1, False, name="pw")(x)
+    return BatchNorm(self.affine, name="bn")(x, train=train)
 
 
 class SepConv(nn.Module):
@@ -383,20 +326,16 @@ class SepConv(nn.Module):
   stride: int = 1
   padding: int = 0
   affine: bool = True
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
   dw_impl: str = "shift"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    g, sel = self.groups, self.select
-    c_in = x.shape[-1] // (g if sel is None else len(sel))
-    for r, (stride, c_out) in enumerate(((self.stride, c_in), (1, self.channels))):
+    for r, (stride, c_out) in enumerate(((self.stride, x.shape[-1]), (1, self.channels))):
       x = nn.relu(x)
-      x = DepthwiseConv(self.kernel_size, stride, self.padding, 1, g, sel, self.dw_impl,
+      x = DepthwiseConv(self.kernel_size, stride, self.padding, 1, self.dw_impl,
                         name=f"dw{r}")(x)
-      x = PointwiseConv(c_out, 1, False, g, sel, name=f"pw{r}")(x)
-      x = BatchNorm(self.affine, g, sel, name=f"bn{r}")(x, train=train)
+      x = PointwiseConv(c_out, 1, False, name=f"pw{r}")(x)
+      x = BatchNorm(self.affine, name=f"bn{r}")(x, train=train)
     return x
 
 
@@ -412,13 +351,9 @@ class FactorizedReduce(nn.Module):
   affine: bool = True
   style: str = "darts"
   use_bias: bool = False
-  groups: int = 1
-  select: Optional[tuple[int, ...]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    g, sel = self.groups, self.select
-    n = g if sel is None else len(sel)
     if self.style == "darts":
       if self.channels % 2:
         raise ValueError(f"DARTS FactorizedReduce needs an even channel count, got {self.channels}")
@@ -431,12 +366,9 @@ class FactorizedReduce(nn.Module):
       raise ValueError(f"FactorizedReduce.style must be 'darts' or 'nb201', got {self.style!r}")
     x = nn.relu(x)
     shifted = nn.relu(shifted)
-    a = PointwiseConv(c1, 2, self.use_bias, g, sel, name="conv_1")(x)
-    b = PointwiseConv(c2, 2, self.use_bias, g, sel, name="conv_2")(shifted)
-    bsz, h, w, _ = a.shape
-    y = jnp.concatenate([a.reshape(bsz, h, w, n, c1), b.reshape(bsz, h, w, n, c2)], axis=-1)
-    y = y.reshape(bsz, h, w, n * self.channels)
-    return BatchNorm(self.affine, g, sel, name="bn")(y, train=train)
+    a = PointwiseConv(c1, 2, self.use_bias, name="conv_1")(x)
+    b = PointwiseConv(c2, 2, self.use_bias, name="conv_2")(shifted)
+    return BatchNorm(self.affine, name="bn")(jnp.concatenate([a, b], axis=-1), train=train)
 
 
 class ResNetBasicBlock(nn.Module):
@@ -470,17 +402,11 @@ class ResNetBasicBlock(nn.Module):
 # Registry.
 
 
-def _grouping(kw):
-  return {"groups": kw.pop("groups", 1), "select": kw.pop("select", None)}
-
-
 def _no_params(factory):
-  """Parameter-free ops accept (and ignore) the grouping keywords."""
+  """Parameter-free ops accept (and ignore) the keywords of the ops with parameters."""
 
   def f(channels, stride, **kw):
     del channels
-    kw.pop("groups", None)
-    kw.pop("select", None)
     kw.pop("affine", None)
     kw.pop("dw_impl", None)
     return factory(stride, **kw)
@@ -500,37 +426,34 @@ def _pool(kind, **pool_kw):
 
 def _bayes_ident(channels, stride, **kw):
   kw.pop("dw_impl", None)
-  return BIdent(channels, stride, **_grouping(kw), **kw)
+  return BIdent(channels, stride, **kw)
 
 
 def _bayes_dil(k):
   def f(channels, stride, conv_impl="lax", **kw):
     kw.pop("dw_impl", None)
-    return BDilConv(channels, k, stride, **_grouping(kw), conv_impl=conv_impl, **kw)
+    return BDilConv(channels, k, stride, conv_impl=conv_impl, **kw)
   return f
 
 
 def _darts_skip(channels, stride, affine=True, **kw):
   kw.pop("dw_impl", None)
   if stride == 1:
-    kw.pop("groups", None), kw.pop("select", None)
     return Identity(**kw)
-  return FactorizedReduce(channels, affine, "darts", False, **_grouping(kw), **kw)
+  return FactorizedReduce(channels, affine, "darts", False, **kw)
 
 
 def _nb201_skip(channels, stride, affine=True, **kw):
   kw.pop("dw_impl", None)
   if stride == 1 and kw.pop("c_in", channels) == channels:
-    kw.pop("groups", None), kw.pop("select", None)
     return Identity(**kw)
-  return FactorizedReduce(channels, affine, "nb201", not affine, **_grouping(kw), **kw)
+  return FactorizedReduce(channels, affine, "nb201", not affine, **kw)
 
 
 def _nb201_conv(k):
   def f(channels, stride, affine=True, conv_impl="lax", **kw):
     kw.pop("dw_impl", None)
-    return ReLUConvBN(channels, k, stride, k // 2, affine, not affine, **_grouping(kw),
-                      conv_impl=conv_impl, **kw)
+    return ReLUConvBN(channels, k, stride, k // 2, affine, not affine, conv_impl=conv_impl, **kw)
   return f
 
 
@@ -540,8 +463,8 @@ DENSE_CONV_OPS = {"bayesnas": ("dil3", "dil5"), "nb201": ("nor_conv_3x3",)}
 
 OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
     "bayesnas": {
-        "sep3": lambda c, s, **kw: BSepConv(c, 3, s, **_grouping(kw), **kw),
-        "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **_grouping(kw), **kw),
+        "sep3": lambda c, s, **kw: BSepConv(c, 3, s, **kw),
+        "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **kw),
         "dil3": _bayes_dil(3),
         "dil5": _bayes_dil(5),
         "max": _pool("max", zero_pad_max=True),
@@ -555,19 +478,15 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
         "avg_pool_3x3": _pool("avg", count_include_pad=False),
         "max_pool_3x3": _pool("max"),
         "skip_connect": _darts_skip,
-        "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine,
-                                                                 **_grouping(kw), **kw),
-        "sep_conv_5x5": lambda c, s, affine=True, **kw: SepConv(c, 5, s, 2, affine,
-                                                                 **_grouping(kw), **kw),
-        "dil_conv_3x3": lambda c, s, affine=True, **kw: DilConv(c, 3, s, 2, 2, affine,
-                                                                 **_grouping(kw), **kw),
-        "dil_conv_5x5": lambda c, s, affine=True, **kw: DilConv(c, 5, s, 4, 2, affine,
-                                                                 **_grouping(kw), **kw),
+        "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine, **kw),
+        "sep_conv_5x5": lambda c, s, affine=True, **kw: SepConv(c, 5, s, 2, affine, **kw),
+        "dil_conv_3x3": lambda c, s, affine=True, **kw: DilConv(c, 3, s, 2, 2, affine, **kw),
+        "dil_conv_5x5": lambda c, s, affine=True, **kw: DilConv(c, 5, s, 4, 2, affine, **kw),
         # Helpers (kernel_size/padding keywords for relu_conv_bn; DARTS preprocessing is 1x1).
         "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
-            c, kernel_size, s, padding, affine, False, **_grouping(kw), **kw),
+            c, kernel_size, s, padding, affine, False, **kw),
         "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
-            c, affine, "darts", False, **_grouping(kw), **kw),
+            c, affine, "darts", False, **kw),
     },
     "nb201": {
         "none": _no_params(lambda s, **kw: Zero(s, **kw)),
@@ -576,9 +495,9 @@ OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
         "nor_conv_3x3": _nb201_conv(3),
         "avg_pool_3x3": _pool("avg", count_include_pad=False),
         "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
-            c, kernel_size, s, padding, affine, not affine, **_grouping(kw), **kw),
+            c, kernel_size, s, padding, affine, not affine, **kw),
         "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
-            c, affine, "nb201", not affine, **_grouping(kw), **kw),
+            c, affine, "nb201", not affine, **kw),
         "resnet_basic_block": lambda c, s, affine=True, **kw: ResNetBasicBlock(c, s, affine),
     },
 }
