@@ -144,13 +144,19 @@ def _exit_with_error(e: Exception) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an unknown ``--config.<field>`` override as a one-line error.
+  """absl's flag parsing, with every bad flag as a one-line error and exit status 2.
 
-  ml_collections raises AttributeError / KeyError from inside the parser for a field the config
-  does not have; absl would print a traceback. Exits with status 2 naming the override.
+  A flag value absl cannot parse (``--config.model.remat=yes``, a missing ``--workdir``) is one
+  line naming the flag, like a bad config value. ml_collections raises AttributeError / KeyError
+  from inside the parser for a ``--config.<field>`` the config does not have (absl would print a
+  traceback); the message names that override and the closest field.
   """
   try:
-    return app.parse_flags_with_usage(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    msg = " ".join(str(e).split())
+    print(f"bnas_jax.main: error: {msg} (see --helpfull)", file=sys.stderr)
+    sys.exit(2)
   except (AttributeError, KeyError) as e:
     msg = str(e.args[0] if e.args else e)
     overrides = [a for a in argv[1:] if a.startswith("--config.")]

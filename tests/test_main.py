@@ -36,13 +36,13 @@ def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 
 @pytest.mark.parametrize("name", SEARCH_EXPERIMENTS)
 def test_search_configs_build_and_have_every_runner_field(name):
   module = load_experiment(name)
-  reference = _flat(search.default_config().to_dict())
+  reference = config_files.flatten(search.default_config().to_dict())
   variants = [None, "cpu"] if name != "tiny" else [None, "bayesnas", "darts"]
   for variant in variants:
     config = module.get_config(variant)
     assert config.mode == "search"
     # Same field set as the runner's defaults: nothing misspelt, nothing missing.
-    assert set(_flat(config.to_dict())) == set(reference), variant
+    assert set(config_files.flatten(config.to_dict())) == set(reference), variant
     search._check_config(config)  # pylint: disable=protected-access
     split_total = sum(config.data.splits.values())
     assert split_total <= config.data.num_train
@@ -58,16 +58,6 @@ def test_proxy_config_is_the_official_protocol():
   assert dict(config.data.splits) == {"warmup": 5_000, "search": 40_000, "val": 5_000}
   assert config.bayes.lambda_origin == config.bayes.lambda_op == 0.01
   assert search._curvature_scale(config) == 18.0  # pylint: disable=protected-access
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def test_misspelt_override_fails_naming_the_field(tmp_path):
@@ -144,6 +134,13 @@ def test_cli_unknown_config_field_is_one_line_with_exit_code_2(tmp_path):
           "(did you mean 'model.edge_loop'?)" in proc.stderr), proc.stderr[-3000:]
   assert "iterations" not in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "run").exists()
+  # A value absl cannot parse is one line with the same exit status.
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}",
+                 "--config.model.remat=yes")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert ("bnas_jax.main: error: flag --config.model.remat=yes: ('Non-boolean argument to "
+          "boolean flag', 'yes')" in proc.stderr), proc.stderr[-3000:]
+  assert "FATAL" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_cli_divergence_is_one_line_with_exit_code_1(tmp_path, cifar10_subset_dir):
