@@ -108,7 +108,11 @@ def main(argv):
   workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
   try:
     config = FLAGS.config if FLAGS.config is not None else load_config_from_workdir(workdir)
-  except (FileNotFoundError, errors.ConfigError) as e:
+    config.get("mode")  # ml_collections defers a failed load of the --config file to here
+  except (OSError, errors.ConfigError) as e:
+    if e.__cause__ is not None:  # the deferred load error: its last line names the file
+      lines = [ln.strip() for ln in str(e.__cause__).splitlines() if ln.strip()]
+      e = f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {lines[-1] if lines else e}"
     _exit_with_error(e)
 
   distributed = FLAGS.distributed
@@ -154,7 +158,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    msg = " ".join(str(e).split())
+    # A config file whose get_config raised: its exception line, not ml_collections' traceback.
+    head, sep, trace = str(e).partition("Traceback (most recent call last):")
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
+    msg = " ".join(head.split()) + (" " + lines[-1] if sep and lines else "")
     print(f"bnas_jax.main: error: {msg} (see --helpfull)", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:
@@ -165,9 +172,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     bad = [a for a in overrides
            if key and key.group(1) in a.split("=", 1)[0].split(".")[1:]] or overrides
     hint = re.search(r'Did you mean "([^"]+)"', msg)
-    if hint and bad and len(bad) == 1:  # the full dotted name of the suggestion
-      path = bad[0].split("=", 1)[0][len("--config."):].split(".")
-      detail = f"did you mean {'.'.join(path[:-1] + [hint.group(1)])!r}?"
+    path = bad[0].split("=", 1)[0][len("--config."):].split(".") if len(bad) == 1 else []
+    if hint and key and key.group(1) in path:  # the full dotted name of the suggestion
+      i = path.index(key.group(1))
+      detail = f"did you mean {'.'.join(path[:i] + [hint.group(1)] + path[i + 1:])!r}?"
     else:
       detail = f"did you mean {hint.group(1)!r}?" if hint else "no such field"
     print(f"bnas_jax.main: error: unknown config field in {' '.join(bad) or 'the overrides'} "

@@ -214,6 +214,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
                              f"{sorted(curvature_lib.CURVATURE_FNS)}")
   if config.curvature.num_batches < 1:
     raise errors.ConfigError("config.curvature.num_batches must be >= 1")
+  n_dev = jax.device_count()  # the data-parallel mesh spans every device
+  for name, b in (("search.batch_size", config.search.batch_size),
+                  ("search.eval_batch_size", config.search.eval_batch_size),
+                  ("curvature.batch_size", _curvature_batch_size(config))):
+    if int(b) < 1 or int(b) % n_dev:
+      raise errors.ConfigError(
+          f"config.{name}={b} must be a positive multiple of the {n_dev} device(s)"
+          + (" (curvature.batch_size=-1 means search.batch_size)" if name[0] == "c" else ""))
   if not isinstance(config.search.get("compile_ahead", True), bool):
     raise errors.ConfigError(f"config.search.compile_ahead={config.search.compile_ahead!r}; "
                              "use True or False")
@@ -590,13 +598,6 @@ class _Runner:
     self.mesh = input_pipeline.make_mesh()
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
-    n_dev = self.mesh.devices.size
-    for name, b in (("search.batch_size", config.search.batch_size),
-                    ("search.eval_batch_size", config.search.eval_batch_size),
-                    ("curvature.batch_size", _curvature_batch_size(config))):
-      if int(b) % n_dev:
-        raise ValueError(f"config.{name}={b} is not divisible by the {n_dev} devices; use a "
-                         f"multiple of {n_dev}")
 
     self.dataset = input_pipeline.load_dataset(config.data)
     self.splits = input_pipeline.make_splits(self.dataset, dict(config.data.splits),
@@ -1208,7 +1209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
 
   Raises:
     NonFiniteError: a non-finite loss/gradient/prior state (the last good checkpoint is kept).
-    ValueError: a bad config value (named), e.g. a batch size not divisible by the device count.
+    ValueError: a bad config value (`errors.ConfigError`, named, before `workdir` is created),
+      e.g. a batch size that is not a positive multiple of the device count.
   """
   _check_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -371,11 +371,6 @@ class _Trainer:
     self.mesh = input_pipeline.make_mesh()
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
-    n_dev = self.mesh.devices.size
-    for name in ("batch_size", "eval_batch_size"):
-      if int(c.train[name]) % n_dev:
-        raise ValueError(f"config.train.{name}={c.train[name]} is not divisible by the {n_dev} "
-                         f"devices; use a multiple of {n_dev}")
     self.data = load_data(c)
     self.model = create_model(c, self.data.num_classes)
     n_train = len(self.data.train_images)
@@ -541,7 +536,14 @@ class _Trainer:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `errors.ConfigError` naming a bad model field, before the workdir is created."""
+  """Raises `errors.ConfigError` naming a bad model field or batch size, before the workdir is
+  created."""
+  n_dev = jax.device_count()
+  for name in ("batch_size", "eval_batch_size"):
+    b = int(config.train[name])
+    if b < 1 or b % n_dev:
+      raise errors.ConfigError(f"config.train.{name}={b} must be a positive multiple of the "
+                               f"{n_dev} device(s)")
   try:
     layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
   except ValueError as e:

@@ -141,6 +141,18 @@ def test_cli_unknown_config_field_is_one_line_with_exit_code_2(tmp_path):
   assert ("bnas_jax.main: error: flag --config.model.remat=yes: ('Non-boolean argument to "
           "boolean flag', 'yes')" in proc.stderr), proc.stderr[-3000:]
   assert "FATAL" not in proc.stderr and not (tmp_path / "run").exists()
+  # A misspelt section is fixed in place; a missing config file and a config file's own error
+  # (an unknown variant) are one line naming the file, not ml_collections' tracebacks.
+  for args, line in (
+      (["--config=experiments/tiny.py", "--config.serch.lr=1"],
+       "unknown config field in --config.serch.lr=1 (did you mean 'search.lr'?)"),
+      (["--config=experiments/tnyi.py"], "bnas_jax.main: error: --config=experiments/tnyi.py: "
+       "[Errno 2] No such file or directory: 'experiments/tnyi.py'"),
+      (["--config=experiments/tiny.py:nb210"], "Error whilst parsing config file: ValueError: "
+       "unknown variant 'nb210' of experiments/tiny.py; use ")):
+    proc = run_cli(*args, f"--workdir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and line in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_cli_divergence_is_one_line_with_exit_code_1(tmp_path, cifar10_subset_dir):

@@ -453,7 +453,9 @@ def test_bad_config_values_are_named(tmp_path, cifar10_subset_dir):
   for field, value in (("bayes.prune_mode", "relatve"), ("bayes.lambda_op", 0.0),
                        ("bayes.prune_threshold", -1.0), ("genotype.max_ops", -1),
                        ("model.dw_impl", "cudnn"), ("model.edge_loop", "while"),
-                       ("model.pruned_ops", "drop"), ("model.remat", None)):
+                       ("model.pruned_ops", "drop"), ("model.remat", None),
+                       ("search.batch_size", 0), ("search.eval_batch_size", -2),
+                       ("curvature.batch_size", 0)):
     config = tiny_config(cifar10_subset_dir, **{field: value})
     with pytest.raises(ValueError, match=f"config.{field}"):
       search.run(config, str(tmp_path / "never"))

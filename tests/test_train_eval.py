@@ -95,6 +95,8 @@ def test_missing_imagenet_names_how_to_provide_it(tmp_path):
     ("model.dw_impl", "shfit", "config.model.dw_impl: unknown depthwise impl 'shfit'"),
     ("model.prev_reduce", "pool", "prev_reduce"),
     ("genotype", "no_such_genotype", "no_such_genotype"),
+    ("train.batch_size", 0, r"config.train.batch_size=0 must be a positive multiple"),
+    ("train.eval_batch_size", -1, "config.train.eval_batch_size=-1"),
 ])
 def test_bad_model_config_is_refused_before_the_workdir_exists(tmp_path, field, value, match):
   c = train_eval.default_config()
