@@ -95,6 +95,9 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract_state = jax.tree.map(_as_abstract, abstract_state)
     try:
+      # Compared before restoring: a failed orbax restore leaves its async threads printing
+      # "Event loop is closed" tracebacks at exit.
+      _check_stored_shapes(os.path.join(self.directory, str(index), STATE), abstract_state)
       restored = self._manager.restore(index, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
     except (ValueError, KeyError, TypeError) as e:
@@ -125,6 +128,42 @@ class Checkpointer:
     """Waits for pending saves and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _check_stored_shapes(state_dir: str, abstract_state: Any) -> None:
+  """Raises ValueError naming the first leaf whose stored shape or presence differs.
+
+  Reads only orbax's metadata of the stored tree; if that cannot be read, returns and leaves the
+  check to the restore itself.
+  """
+  try:
+    meta = ocp.StandardCheckpointer().metadata(state_dir)
+  except Exception:  # pylint: disable=broad-except
+    return
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  if tree is None:
+    return
+
+  def path_str(path) -> str:  # orbax stores named tuples as dicts or lists: compare names only
+    parts = []
+    for k in path:
+      for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+          parts.append(str(getattr(k, attr)))
+          break
+    return "/".join(parts)
+
+  stored = {path_str(p): tuple(getattr(x, "shape", ()) or ())
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  wanted = {path_str(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  for key in sorted(set(stored) | set(wanted)):
+    if key not in stored or key not in wanted:
+      where = "missing from the checkpoint" if key not in stored else "not in this state"
+      raise ValueError(f"state leaf {key} is {where}")
+    if stored[key] != wanted[key]:
+      raise ValueError(f"state leaf {key} has shape {wanted[key]}, the checkpoint {stored[key]}")
 
 
 def _as_abstract(x: Any) -> Any:

@@ -1,11 +1,22 @@
-"""Loading experiment config files (``experiments/*.py``), which are plain files, not a package."""
+"""Experiment config files (``experiments/*.py``, plain files, not a package) and the resolved
+config stored in a run directory (``config.json``)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import types
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import ml_collections
+
+from bnas_jax import errors
+
+CONFIG_JSON = "config.json"
+CONFIG_YAML = "config.yaml"
+PREVIOUS_JSON = "config.previous.json"
 
 
 def load_sibling(anchor_file: str, name: str) -> types.ModuleType:
@@ -45,3 +56,44 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str,
+                 resume_safe: Sequence[str]) -> None:
+  """Stores the resolved config in `workdir` (``config.json``, ``config.yaml``).
+
+  When the workdir already holds a config (a resumed run), the two are compared by value. If only
+  fields starting with one of `resume_safe` differ (or fields the stored config does not have yet,
+  added to bnas_jax since), the new config is stored and the old one kept as
+  ``config.previous.json``, with a warning naming the fields. An identical config (however it is
+  formatted) is left as it is.
+
+  Raises:
+    errors.ConfigError: if other fields differ and the workdir holds checkpoints; nothing is
+      written then.
+  """
+  path = os.path.join(workdir, CONFIG_JSON)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = flatten(json.load(f))
+    new = flatten(json.loads(text))
+    diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
+    if not diff:
+      return
+    # Fields absent from the stored config were added to bnas_jax after that run started.
+    unsafe = [k for k in diff if k in stored and not k.startswith(tuple(resume_safe))]
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if unsafe and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+      raise errors.ConfigError(
+          f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
+          f"differ from {path}); nothing was changed. Resume it with its own config "
+          f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
+          f"--workdir. Only {', '.join(resume_safe)} may change on resume.")
+    logging.warning("config differs from the one stored in %s in %s; the new config is used "
+                    "and stored (the old one is kept as %s)", path, diff, PREVIOUS_JSON)
+    os.replace(path, os.path.join(workdir, PREVIOUS_JSON))
+  with open(path, "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, CONFIG_YAML), "w") as f:
+    f.write(config.to_yaml())

@@ -78,8 +78,6 @@ PHASE_SEARCH = "search"
 PHASE_UPDATE = "update"
 PHASE_DONE = "done"
 
-CONFIG_JSON = "config.json"
-CONFIG_YAML = "config.yaml"
 PENALTY_MODES = ("subgradient", "proximal")
 
 
@@ -282,32 +280,8 @@ RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "c
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the resolved config; warns when a resumed run's config differs from the stored one."""
-  path = os.path.join(workdir, CONFIG_JSON)
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
-    if old != text:
-      stored = config_files.flatten(json.loads(old))
-      new = config_files.flatten(json.loads(text))
-      diff = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
-      # Fields absent from the stored config were added to bnas_jax after that run started.
-      unsafe = [k for k in diff if k in stored and not k.startswith(RESUME_SAFE_FIELDS)]
-      ckpt_dir = os.path.join(workdir, "checkpoints")
-      if unsafe and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise errors.ConfigError(
-            f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
-            f"differ from {path}); nothing was changed. Resume it with its own config "
-            f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
-            f"--workdir. Only {', '.join(RESUME_SAFE_FIELDS)} may change on resume.")
-      logging.warning("config differs from the one stored in %s in %s; the new config is used "
-                      "and stored (the old one is kept as config.previous.json)", path, diff)
-      os.replace(path, os.path.join(workdir, "config.previous.json"))
-  with open(path, "w") as f:
-    f.write(text)
-  with open(os.path.join(workdir, CONFIG_YAML), "w") as f:
-    f.write(config.to_yaml())
+  """`config_files.write_config` with the search's `RESUME_SAFE_FIELDS`."""
+  config_files.write_config(config, workdir, RESUME_SAFE_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------------

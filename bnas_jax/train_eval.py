@@ -44,13 +44,17 @@ import numpy as np
 import optax
 
 from bnas_jax import checkpointing
+from bnas_jax import config_files
 from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
 from bnas_jax.models import eval_net
 from bnas_jax.models import layers
 
-CONFIG_JSON = "config.json"
+# Fields that may change when a run is resumed (`config_files.write_config`); the rest would
+# change the training trajectory or the network, and are refused while checkpoints exist.
+RESUME_SAFE_FIELDS = ("log_every_steps", "progress", "checkpoint.", "data.data_dir",
+                      "model.dw_impl", "train.stop_after_steps", "train.eval_every_epochs")
 RESULTS_JSON = "results.json"
 
 
@@ -576,8 +580,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   with (metrics_lib.LogFile(workdir) if is_main else contextlib.nullcontext()):
     if is_main:
-      with open(os.path.join(workdir, CONFIG_JSON), "w") as f:
-        f.write(config.to_json(indent=2))
+      config_files.write_config(config, workdir, RESUME_SAFE_FIELDS)
     trainer = _Trainer(config, workdir)
     try:
       return trainer.run()

@@ -7,6 +7,7 @@ ends with exactly the test loss of an uninterrupted run); the files a run must l
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -133,3 +134,17 @@ def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp
   for key in ("test_loss", "test_accuracy"):
     assert resumed[key] == full[key], key  # bit-identical training trajectory
   np.testing.assert_equal(resumed["history"][0]["test_loss"], full["history"][0]["test_loss"])
+
+  # A resume with another network is refused before anything is written: config.json stays.
+  workdir = tmp_path / "resumed"
+  stored = (workdir / "config.json").read_text()
+  other = copy.deepcopy(config)
+  other.model.init_channels = 2 * config.model.init_channels
+  with pytest.raises(errors.ConfigError, match=r"model.init_channels differ.* nothing was changed"):
+    train_eval.run(other, str(workdir))
+  assert (workdir / "config.json").read_text() == stored
+  # The stored config is compared by value: a re-indented config.json is not a change.
+  (workdir / "config.json").write_text(json.dumps(json.loads(stored), indent=4))
+  os.remove(workdir / "config.previous.json")  # from the stop_after_steps change above
+  config_files.write_config(config, str(workdir), train_eval.RESUME_SAFE_FIELDS)
+  assert not (workdir / "config.previous.json").exists()
