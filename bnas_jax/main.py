@@ -35,6 +35,7 @@ from ml_collections import config_flags
 from bnas_jax import config_files
 from bnas_jax import errors
 from bnas_jax import input_pipeline
+from bnas_jax import metrics as metrics_lib
 from bnas_jax import xla_flags
 
 FLAGS = flags.FLAGS
@@ -115,6 +116,13 @@ def main(argv):
       e = f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {lines[-1] if lines else e}"
     _exit_with_error(e)
 
+  metrics_lib.quiet_library_logs()
+  try:  # bad values are named before anything is logged or created
+    runner = get_runner(config.mode)
+    importlib.import_module(RUNNERS[config.mode]).check_config(config)
+  except (ValueError, errors.ConfigError) as e:
+    _exit_with_error(e)
+
   distributed = FLAGS.distributed
   if distributed is None:
     distributed = bool(config.get("distributed", False))
@@ -130,7 +138,7 @@ def main(argv):
                jax.local_devices())
   logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())
   try:
-    result = get_runner(config.mode)(config, workdir)
+    result = runner(config, workdir)
   except (errors.ConfigError, input_pipeline.DatasetError) as e:  # bad input, named: no traceback
     _exit_with_error(e)
   except errors.NonFiniteError as e:
@@ -162,6 +170,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     head, sep, trace = str(e).partition("Traceback (most recent call last):")
     lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
     msg = " ".join(head.split()) + (" " + lines[-1] if sep and lines else "")
+    if "Unknown command line flag 'config." in msg:  # an override without --config
+      msg += ("; --config.<field> overrides need --config experiments/<name>.py (to change a "
+              "resume-safe field of a stored run, pass its experiment file and the override)")
     print(f"bnas_jax.main: error: {msg} (see --helpfull)", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:

@@ -106,14 +106,19 @@ class _DropLibraryInfo(py_logging.Filter):
     return not any(f in path for f in self._fragments)
 
 
-_LIBRARY_FILTER = _DropLibraryInfo(("/orbax/",))
+# orbax logs every save step by step; jax's backend probe logs "Unable to initialize backend 'tpu'"
+# at INFO on every machine without one.
+_LIBRARY_FILTER = _DropLibraryInfo(("/orbax/", "/jax/_src/xla_bridge.py"))
 
 
 def quiet_library_logs() -> None:
-  """Keeps orbax's per-save INFO lines out of the log (warnings and errors still pass)."""
-  logger = logging.get_absl_logger()
-  if _LIBRARY_FILTER not in logger.filters:
-    logger.addFilter(_LIBRARY_FILTER)
+  """Keeps orbax's per-save and jax's backend-probe INFO lines out of the log (warnings and
+  errors still pass)."""
+  # The logger sees absl.logging calls (orbax); the handler also sees the records of Python
+  # loggers that propagate to the root logger (jax).
+  for target in (logging.get_absl_logger(), logging.get_absl_handler()):
+    if _LIBRARY_FILTER not in target.filters:
+      target.addFilter(_LIBRARY_FILTER)
 
 
 class LogFile:

@@ -192,7 +192,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `errors.ConfigError` (a ValueError) naming a bad config value and the fix."""
   s = config.search
   if s.eval_bn not in ("batch", "running"):
@@ -1186,7 +1186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
     ValueError: a bad config value (`errors.ConfigError`, named, before `workdir` is created),
       e.g. a batch size that is not a positive multiple of the device count.
   """
-  _check_config(config)
+  check_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

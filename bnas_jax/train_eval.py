@@ -539,7 +539,7 @@ class _Trainer:
     self.writer.close()
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `errors.ConfigError` naming a bad model field or batch size, before the workdir is
   created."""
   n_dev = jax.device_count()
@@ -574,7 +574,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     NonFiniteError: the loss became non-finite.
     ValueError / input_pipeline.DatasetError: bad config values or missing data (named).
   """
-  _check_config(config)
+  check_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

@@ -43,7 +43,7 @@ def test_search_configs_build_and_have_every_runner_field(name):
     assert config.mode == "search"
     # Same field set as the runner's defaults: nothing misspelt, nothing missing.
     assert set(config_files.flatten(config.to_dict())) == set(reference), variant
-    search._check_config(config)  # pylint: disable=protected-access
+    search.check_config(config)
     split_total = sum(config.data.splits.values())
     assert split_total <= config.data.num_train
   with pytest.raises(ValueError, match="variant"):
@@ -73,9 +73,17 @@ def test_bad_config_value_is_one_line_on_stderr(tmp_path):
   proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
                  "--config.bayes.prune_mode=relatve")
   assert proc.returncode == 2
-  assert "bnas_jax.main: error: config.bayes.prune_mode='relatve'" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  # Checked before anything is logged: the error is the only line.
+  assert proc.stderr.strip().splitlines() == [
+      "bnas_jax.main: error: config.bayes.prune_mode='relatve'; use one of ('absolute', "
+      "'relative')"], proc.stderr[-3000:]
   assert not workdir.exists()
+  proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}",
+                 "--config.search.batch_size=0")
+  assert proc.returncode == 2 and not workdir.exists()
+  assert proc.stderr.strip().splitlines() == [
+      "bnas_jax.main: error: config.search.batch_size=0 must be a positive multiple of the 1 "
+      "device(s)"], proc.stderr[-3000:]
   proc = run_cli(f"--workdir={tmp_path / 'empty'}")  # no --config and no stored config
   assert proc.returncode == 2 and "pass --config" in proc.stderr
   assert "Traceback" not in proc.stderr
