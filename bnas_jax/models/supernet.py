@@ -33,7 +33,7 @@ dense k x k convolutions inside the loop are im2col matrix products (`layers.con
 independent edges on both cores) and the compile 2-5x slower; the parameters are the same.
 By default (``remat=True``) each edge is a `jax.checkpoint`: the backward pass recomputes the
 edge from its input instead of reading stored activations, which on CPU is faster (the step is
-bound by memory traffic) and needs 5-17x less activation memory.
+bound by memory traffic) and needs 12-17x less activation memory (nb201 4.6x).
 An earlier formulation evaluated all edges leaving one node together in grouped form with a
 switch-routing reduction; it was slower to run and to compile (see the README).
 """
@@ -385,8 +385,9 @@ class Supernet(nn.Module):
       edge, saving nothing but its input) instead of storing its activations. Same function and
       gradients. On this 2-core CPU it made the training step 20-40 % faster (5-cell C = 8
       batch 32: darts 3.1-3.4 s -> 2.1-2.5 s, bayesnas 2.4-2.6 s -> 1.6-2.0 s; XLA:CPU is bound
-      by the memory traffic of the stored activations) and cut XLA's activation buffer 5-17-fold
-      (darts 1.5 GB -> 0.12 GB). Not measured on a GPU, where recomputing costs relatively more.
+      by the memory traffic of the stored activations) and cut XLA's activation buffer 12-17-fold
+      (darts 1.5 GB -> 0.12 GB; nb201 4.6-fold). Not measured on a GPU, where recomputing costs
+      relatively more.
   """
   space: str
   init_channels: int
