@@ -261,10 +261,16 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: str) -> np.ndarray
 
 
 def _check_count(what: str, found: int, expected: int, detail: str) -> None:
-  if found != expected:
+  if found < expected:
     raise DatasetError(
         f'{what}: expected {expected:,} records, found {found:,} ({detail}). A truncated or '
         f'missing file? For a deliberate subset set config.data.num_train / num_test.')
+  if found > expected:
+    raise DatasetError(
+        f'{what}: expected {expected:,} records (config.data.num_train / num_test), found '
+        f'{found:,} ({detail}). Point config.data.data_dir at the folder the config was written '
+        f'for (e.g. a subset such as cifar10-lossless-subset), or set num_train / num_test to '
+        f'the records in this folder.')
 
 
 def load_local(name: str, data_dir: str | None = None, *, num_train: int = 50_000,

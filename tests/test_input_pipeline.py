@@ -157,6 +157,11 @@ def test_truncated_and_short_files_are_clear_errors(tmp_path, cifar10_bin_dir):
   no_batch5 = _layout_with(tmp_path / 'd', cifar10_bin_dir, {'data_batch_5.bin': None})
   with pytest.raises(ip.DatasetError, match=r'expected 50,000 records, found 40,000'):
     ip.load_local('cifar10', no_batch5)
+  # More records than the config expects (the full set where a subset config was written for a
+  # subset folder): the fix named is the data folder, not a truncated file.
+  with pytest.raises(ip.DatasetError, match=r'expected 4,000 records \(config.data.num_train / '
+                     r'num_test\), found 50,000 .*Point config.data.data_dir at the folder'):
+    ip.load_local('cifar10', cifar10_bin_dir, num_train=4_000)
 
 
 def _write_py_layout(folder, name, parts: dict[str, dict]):
