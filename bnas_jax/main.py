@@ -116,18 +116,18 @@ def main(argv):
       e = f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {lines[-1] if lines else e}"
     _exit_with_error(e)
 
+  distributed = FLAGS.distributed
+  if distributed is None:
+    distributed = bool(config.get("distributed", False))
+  if distributed:  # before anything asks JAX for its devices (the config checks do)
+    jax.distributed.initialize()  # cluster detection from the environment (SLURM, TPU pods, ...)
+
   metrics_lib.quiet_library_logs()
   try:  # bad values are named before anything is logged or created
     runner = get_runner(config.mode)
     importlib.import_module(RUNNERS[config.mode]).check_config(config)
   except (ValueError, errors.ConfigError) as e:
     _exit_with_error(e)
-
-  distributed = FLAGS.distributed
-  if distributed is None:
-    distributed = bool(config.get("distributed", False))
-  if distributed:
-    jax.distributed.initialize()  # cluster detection from the environment (SLURM, TPU pods, ...)
 
   if not jax.config.values.get("jax_compilation_cache_dir"):
     # Compilation takes minutes on CPU and GPU alike; the persistent cache makes a resumed run (or
