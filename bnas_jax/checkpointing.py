@@ -137,7 +137,8 @@ def _check_stored_shapes(state_dir: str, abstract_state: Any) -> None:
   check to the restore itself.
   """
   try:
-    meta = ocp.StandardCheckpointer().metadata(state_dir)
+    with ocp.StandardCheckpointer() as reader:
+      meta = reader.metadata(state_dir)
   except Exception:  # pylint: disable=broad-except
     return
   tree = getattr(meta, "item_metadata", meta)
