@@ -97,3 +97,18 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
     f.write(text)
   with open(os.path.join(workdir, CONFIG_YAML), "w") as f:
     f.write(config.to_yaml())
+
+
+def check_batch_sizes(sizes: Mapping[str, int], num_devices: int, note: str = "") -> None:
+  """Raises `errors.ConfigError` for the first batch size that is not a positive multiple of
+  `num_devices` (the data-parallel mesh splits every batch evenly over the devices).
+
+  Args:
+    sizes: ``{config field name: batch size}``, e.g. ``{'search.batch_size': 18}``.
+    num_devices: the devices the mesh spans (`jax.device_count()`).
+    note: appended to the message (e.g. what a sentinel value means).
+  """
+  for name, b in sizes.items():
+    if int(b) < 1 or int(b) % num_devices:
+      raise errors.ConfigError(f"config.{name}={b} must be a positive multiple of the "
+                               f"{num_devices} device(s){note}")

@@ -542,12 +542,8 @@ class _Trainer:
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `errors.ConfigError` naming a bad model field or batch size, before the workdir is
   created."""
-  n_dev = jax.device_count()
-  for name in ("batch_size", "eval_batch_size"):
-    b = int(config.train[name])
-    if b < 1 or b % n_dev:
-      raise errors.ConfigError(f"config.train.{name}={b} must be a positive multiple of the "
-                               f"{n_dev} device(s)")
+  config_files.check_batch_sizes({f"train.{k}": config.train[k]
+                                  for k in ("batch_size", "eval_batch_size")}, jax.device_count())
   try:
     layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
   except ValueError as e:
