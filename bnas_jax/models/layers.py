@@ -18,8 +18,10 @@ symmetric zero padding, ``floor((H + 2p - d(k-1) - 1) / s) + 1`` output size).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -430,8 +432,34 @@ def avg_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
   return s / jnp.asarray(cnt)
 
 
+_FROZEN_BATCH_STATS = contextvars.ContextVar("bnas_jax_frozen_batch_stats", default=False)
+
+
+@contextlib.contextmanager
+def frozen_batch_stats() -> Iterator[None]:
+  """Trace-time switch: train-mode batch statistics are constants for differentiation.
+
+  Inside the context, `batch_norm_stats` returns the same values but with ``stop_gradient``, so
+  every derivative (grad, jvp, vjp, hessian) of a function traced there treats each batch norm as
+  the fixed affine map ``(x - mean) * rsqrt(var + eps)`` with this batch's statistics. This is the
+  loss whose curvature the Laplace step uses (``bnas_jax.curvature`` module docstring). Enter it
+  inside the function that is traced (e.g. in the ``apply_fn`` of a curvature estimator) so that
+  every trace of that function sees it.
+  """
+  token = _FROZEN_BATCH_STATS.set(True)
+  try:
+    yield
+  finally:
+    _FROZEN_BATCH_STATS.reset(token)
+
+
 def batch_norm_stats(x: Array) -> tuple[Array, Array]:
-  """Per-channel batch mean and biased variance of f32[B, H, W, C] -> (f32[C], f32[C])."""
+  """Per-channel batch mean and biased variance of f32[B, H, W, C] -> (f32[C], f32[C]).
+
+  Under `frozen_batch_stats` both are ``stop_gradient``-ed (same values, no derivative).
+  """
+  if _FROZEN_BATCH_STATS.get():
+    x = lax.stop_gradient(x)
   mean = jnp.mean(x, axis=(0, 1, 2))
   var = jnp.maximum(jnp.mean(jnp.square(x), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
   return mean, var
