@@ -29,7 +29,8 @@ The training process never imports TensorFlow.
 * ``num_train``, ``num_test``: expected numbers of records (50,000 / 10,000 for the official
   sets; smaller for a subset such as the 4,000/1,000 lossless CIFAR-10 subset). A mismatch is an
   error.
-* ``seed``: seeds the splits, the per-epoch shuffles and the augmentation.
+* ``seed``: seeds the splits, the per-epoch shuffles and the augmentation. In the search and
+  retraining configs it follows the top-level ``seed`` unless set itself (`follow`).
 * ``splits``: ``{name: size}`` of disjoint subsets of the training set drawn by `split_train`
   (default warmup 5,000 / search 40,000 / val 5,000). The test set is never part of a split.
 * ``cutout``: cutout side in pixels for the augmented loaders (0 = off; DARTS uses 16).
@@ -124,6 +125,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.splits = ml_collections.ConfigDict({'warmup': 5_000, 'search': 40_000, 'val': 5_000})
   config.cutout = 0
   return config
+
+
+def follow(config: ml_collections.ConfigDict, field: str) -> ml_collections.FieldReference:
+  """A config value that follows ``config[field]`` until it is set itself.
+
+  ``c.data.seed = follow(c, 'seed')`` makes ``--config.seed=3`` set both seeds, while
+  ``--config.data.seed=5`` sets the data seed alone (it replaces this reference's own value; a
+  plain ``c.get_ref('seed')`` would be shared, and setting it would change ``c.seed`` too).
+  Config files (``config.json``) store the resolved value.
+  """
+  ref = config.get_ref(field)
+  return ml_collections.FieldReference(ref, field_type=ref.get_type())
 
 
 @dataclasses.dataclass(frozen=True)

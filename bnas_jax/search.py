@@ -97,7 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.mode = "search"
-  c.seed = 0  # model init and curvature keys; the data seed is config.data.seed
+  c.seed = 0  # model init and curvature keys; config.data.seed follows it unless set
   c.distributed = False  # jax.distributed.initialize() in main (multi-host)
   c.space = "bayesnas"  # bnas_jax.search_space.spaces.get_space name
 
@@ -122,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.remat = True
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
+  c.data.seed = input_pipeline.follow(c, "seed")  # = c.seed unless overridden
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
 
   c.search = ml_collections.ConfigDict()

@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   """All fields of a retraining config, with the DARTS CIFAR-10 protocol (spec 7.3)."""
   c = ml_collections.ConfigDict()
   c.mode = "train"
-  c.seed = 0  # init and drop-path keys; the data seed is config.data.seed
+  c.seed = 0  # init and drop-path keys; config.data.seed follows it unless set
   c.distributed = False
   c.genotype = "bayesnas_0.01"  # registered name or genotype JSON path
 
@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dw_impl = "auto"
 
   c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, num_test, seed, cutout
+  c.data.seed = input_pipeline.follow(c, "seed")  # = c.seed unless overridden
   c.data.cutout = 16
   c.data.train_examples = -1  # > 0: train on the first N training images only (CPU variants)
 

@@ -226,3 +226,29 @@ def test_cli_stopped_by_sigterm_checkpoints_and_exits_143(tmp_path, cifar10_subs
 def test_config_files_load_names_a_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.py does not exist"):
     config_files.load_sibling(str(tmp_path / "x.py"), "nope")
+
+
+@pytest.mark.parametrize("experiment", ["tiny.py", "cifar_eval.py"])
+def test_one_seed_sets_the_data_seed_unless_it_is_overridden(experiment, tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  def parse(*overrides):
+    argv = ["prog", f"--config={os.path.join(REPO, 'experiments', experiment)}", *overrides]
+    fv = flags.FlagValues()  # overrides are registered from the argv given at definition
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  config = parse("--config.seed=3")
+  assert (config.seed, config.data.seed) == (3, 3)
+  config = parse("--config.seed=3", "--config.data.seed=5")
+  assert (config.seed, config.data.seed) == (3, 5)
+  # The stored config holds both values and reads back the same, however they were set.
+  workdir = tmp_path / experiment
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  loaded = main_lib.load_config_from_workdir(str(workdir))
+  assert (loaded.seed, loaded.data.seed) == (3, 5)
+  assert json.loads(loaded.to_json_best_effort()) == json.loads(config.to_json_best_effort())
