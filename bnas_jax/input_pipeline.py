@@ -244,16 +244,75 @@ def _read_bin(path: str, num_classes: int, label_bytes: int) -> tuple[np.ndarray
   return np.ascontiguousarray(images), _check_labels(labels, num_classes, path)
 
 
+def _latin1_encode(obj, encoding='utf-8', errors='strict'):
+  """``_codecs.encode`` as Python 3 pickles (protocol <= 2) use it for bytes: latin-1 only."""
+  if encoding not in ('latin1', 'latin-1') or errors != 'strict' or not isinstance(obj, str):
+    raise pickle.UnpicklingError(f'_codecs.encode({type(obj).__name__}, {encoding!r}) is not how a '
+                                 f'pickle stores bytes')
+  return obj.encode('latin-1')
+
+
+def _pickle_globals() -> dict[tuple[str, str], object]:
+  """The globals a CIFAR python-version file may name: numpy array, scalar and dtype
+  reconstruction (numpy 1 and 2 module names, pickle protocols 0-5), builtin containers, and the
+  latin-1 ``_codecs.encode`` of Python 3 protocol-2 bytes. Nothing that can run other code."""
+  a = np.zeros(1, np.uint8)
+  reconstruct, frombuffer, scalar = (a.__reduce__()[0], a.__reduce_ex__(5)[0],
+                                     np.uint8(0).__reduce__()[0])
+  allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype,
+             ('_codecs', 'encode'): _latin1_encode}
+  for core in ('numpy.core', 'numpy._core'):
+    allowed[(f'{core}.multiarray', '_reconstruct')] = reconstruct
+    allowed[(f'{core}.multiarray', 'scalar')] = scalar
+    allowed[(f'{core}.numeric', '_frombuffer')] = frombuffer
+  for module in ('builtins', '__builtin__'):  # Python 3 and Python 2 names
+    for t in (list, dict, tuple, set, frozenset, bytes, bytearray, str, int, float, bool, complex):
+      allowed[(module, t.__name__)] = t
+  return allowed
+
+
+class _RefusedGlobalError(pickle.UnpicklingError):
+  """A pickle names a global outside `_pickle_globals` (it would construct or call it)."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """`pickle.Unpickler` whose `find_class` admits only `_pickle_globals` (no code from data)."""
+
+  _ALLOWED = None
+
+  def find_class(self, module: str, name: str):
+    if _CifarUnpickler._ALLOWED is None:
+      _CifarUnpickler._ALLOWED = _pickle_globals()
+    try:
+      return _CifarUnpickler._ALLOWED[(module, name)]
+    except KeyError:
+      raise _RefusedGlobalError(f'{module}.{name}') from None
+
+
 def _read_pickle(path: str, num_classes: int, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-  """Reads one python-version file (a pickled dict with b'data' u8[N, 3072] and labels)."""
+  """Reads one python-version file (a pickled dict with b'data' u8[N, 3072] and labels).
+
+  The file is read with `_CifarUnpickler` (``encoding='bytes'``: Python 2 strings stay bytes):
+  a pickle that names any other global (a class, ``os.system``, ...) is refused before anything
+  it names is called.
+
+  Raises:
+    DatasetNotFoundError: the file does not exist.
+    DatasetError: a refused global (naming the file and the global), or not a CIFAR pickle.
+  """
   if not os.path.isfile(path):
     raise DatasetNotFoundError(f'missing data file {path!r}.')
   try:
     with open(path, 'rb') as f:
-      entry = pickle.load(f, encoding='bytes')
+      entry = _CifarUnpickler(f, encoding='bytes').load()
     data = np.asarray(entry[b'data'], dtype=np.uint8)
     labels = np.asarray(entry[label_key], dtype=np.int32)
-  except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+  except _RefusedGlobalError as e:
+    raise DatasetError(
+        f'{path!r} refers to {e}, which no CIFAR python-version file holds; refused unread (a data '
+        f'file may not run code). Replace it with the official file.') from None
+  except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+          IndexError) as e:
     raise DatasetError(
         f'{path!r} is not a readable CIFAR python-version pickle with keys b"data" and '
         f'{label_key!r} (truncated or wrong file?): {type(e).__name__}: {e}') from e

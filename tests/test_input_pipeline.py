@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -192,6 +193,87 @@ def test_python_pickle_layout_cifar10(tmp_path, subset):
   (folder / 'test_batch').write_bytes(raw[:len(raw) // 2])
   with pytest.raises(ip.DatasetError, match=r'test_batch.*truncated'):
     ip.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
+
+
+class _Py2Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Writes what Python 2's ``cPickle.dump(obj, f, 2)`` wrote for the official CIFAR files: every
+  str as a BINSTRING (read back as bytes under ``encoding='bytes'``), numpy.core module names."""
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+
+  def _save_str8(self, obj):
+    raw = obj.encode('latin-1') if isinstance(obj, str) else obj
+    n = len(raw)
+    self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256
+                else pickle.BINSTRING + n.to_bytes(4, 'little')) + raw)
+    self.memoize(obj)
+
+  dispatch[bytes] = _save_str8
+  dispatch[str] = _save_str8
+
+
+def _dumps_py2(obj) -> bytes:
+  out = io.BytesIO()
+  _Py2Pickler(out, protocol=2).dump(obj)
+  return out.getvalue().replace(b'numpy._core.multiarray\n', b'numpy.core.multiarray\n')
+
+
+def test_python_layout_of_python2_and_every_protocol_loads(tmp_path, subset):
+  # The official files: Python 2 protocol-2 dicts with str keys (bytes under encoding='bytes'),
+  # batch_label, a numpy u8 array and lists of labels and file names.
+  folder = tmp_path / 'cifar-10-batches-py'
+  folder.mkdir()
+  py2 = {'batch_label': 'training batch 1 of 2', 'labels': subset.train_labels[:2000].tolist(),
+         'data': _planes(subset.train_images[:2000]),
+         'filenames': [f'img_{i}.png' for i in range(2000)]}
+  (folder / 'data_batch_1').write_bytes(_dumps_py2(py2))
+  assert b'numpy.core.multiarray\n_reconstruct' in (folder / 'data_batch_1').read_bytes()
+  # Python 3 files: protocol 2 (bytes via _codecs.encode), protocol 5 (numpy _frombuffer), numpy
+  # scalars as labels.
+  (folder / 'data_batch_2').write_bytes(pickle.dumps(
+      {b'data': _planes(subset.train_images[2000:]), b'labels': subset.train_labels[2000:].tolist(),
+       b'batch_label': b'training batch 2 of 2'}, protocol=2))
+  (folder / 'test_batch').write_bytes(pickle.dumps(
+      {b'data': _planes(subset.test_images), b'labels': list(subset.test_labels)}, protocol=5))
+  ds = ip.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
+  np.testing.assert_array_equal(ds.train_images, subset.train_images)
+  np.testing.assert_array_equal(ds.train_labels, subset.train_labels)
+  np.testing.assert_array_equal(ds.test_images, subset.test_images)
+  np.testing.assert_array_equal(ds.test_labels, subset.test_labels)
+
+
+class _Call:
+  """Pickles as a call of `fn(*args)` (what a crafted data file would do)."""
+
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def __reduce__(self):
+    return self.fn, self.args
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, subset):
+  marker = tmp_path / 'pwned'
+  good = pickle.dumps({b'data': _planes(subset.test_images), b'labels': subset.test_labels.tolist()})
+  payloads = {'posix.system': _Call(os.system, f'touch {marker}'),
+              'io.open': _Call(open, str(marker), 'w'),
+              'builtins.eval': _Call(eval, f'open({str(marker)!r}, "w")'),
+              'builtins.exec': _Call(exec, f'open({str(marker)!r}, "w")'),
+              'subprocess.Popen': _Call(subprocess.Popen, ['touch', str(marker)])}
+  for i, (name, payload) in enumerate(payloads.items()):
+    folder = tmp_path / str(i) / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    (folder / 'test_batch').write_bytes(good)
+    for protocol in (2, 5):
+      (folder / 'data_batch_1').write_bytes(pickle.dumps(
+          {b'data': payload, b'labels': subset.train_labels.tolist()}, protocol=protocol))
+      with pytest.raises(ip.DatasetError) as e:
+        ip.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
+      message = str(e.value)
+      assert '\n' not in message and 'data_batch_1' in message, message
+      # (protocol 2 writes Python 2 module names: __builtin__.eval)
+      assert re.search(rf'refers to [\w.]+\.{name.split(".")[1]}, which no CIFAR python-version '
+                       'file holds; refused', message), message
+      assert not marker.exists(), name  # nothing ran
 
 
 def test_cifar100_binary_and_python_layouts(tmp_path, subset):
