@@ -16,7 +16,9 @@ times at the same optimiser step (e.g. after an epoch and after the prior update
 the meta item says where in the run each one was taken.
 
 Callers must only hand finite states to `save` (the search loop checks before saving), so the
-latest checkpoint is always a good one.
+latest checkpoint is always a good one. A checkpoint damaged on disk afterwards (a truncated or
+deleted file) raises `CheckpointDamagedError` on restore; `Checkpointer.restore_newest` (what the
+runners resume with) skips it with a one-line warning and takes the newest one that restores.
 """
 
 from __future__ import annotations
@@ -24,13 +26,23 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bnas_jax import errors
 
 STATE = "state"
 META = "meta"
+
+
+class CheckpointDamagedError(errors.ConfigError):
+  """A checkpoint whose files cannot be read back (truncated, missing or corrupt files).
+
+  The message names the checkpoint and the first line of the underlying storage error.
+  `Checkpointer.restore_newest` skips such checkpoints.
+  """
 
 
 class Checkpointer:
@@ -88,6 +100,8 @@ class Checkpointer:
       bnas_jax.errors.ConfigError: if the stored state has another tree structure or other shapes
         than `abstract_state` (another config, or a checkpoint of an older parameter layout); the
         message names the checkpoint and the fix.
+      CheckpointDamagedError: (a ConfigError) if the layout matches (or its metadata cannot be
+        read) but the files cannot be read back, e.g. a truncated or missing data file.
     """
     if index is None:
       index = self.latest_index()
@@ -98,8 +112,6 @@ class Checkpointer:
       # Compared before restoring: a failed orbax restore leaves its async threads printing
       # "Event loop is closed" tracebacks at exit.
       _check_stored_shapes(os.path.join(self.directory, str(index), STATE), abstract_state)
-      restored = self._manager.restore(index, args=ocp.args.Composite(
-          **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
     except (ValueError, KeyError, TypeError) as e:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise errors.ConfigError(
@@ -108,7 +120,54 @@ class Checkpointer:
           "parameter layout change: the supernet's per-edge parameters and the ops' single "
           "parameter copy without a group axis, both 2026-11-30); resume it with the version "
           f"that wrote it or start a new --workdir ({type(e).__name__}: {first})") from e
+    try:
+      restored = self._manager.restore(index, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore raises plain Exception)
+      raise CheckpointDamagedError(
+          f"checkpoint #{index} in {self.directory} cannot be restored ({_root_cause(e)})") from e
     return restored[STATE], dict(restored[META])
+
+  def restore_newest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]]:
+    """Restores the newest checkpoint that can be read back, skipping damaged ones.
+
+    Each skipped checkpoint is logged as one warning line naming it. With several processes,
+    a checkpoint that fails on any process is skipped on all of them.
+
+    Args:
+      abstract_state: as for `restore`.
+
+    Returns:
+      ``(index, state, meta)`` of the checkpoint restored.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint in the directory.
+      bnas_jax.errors.ConfigError: a layout mismatch (as `restore`; never skipped), or no
+        checkpoint can be restored: the message names the directory and the fix.
+    """
+    indices = self.all_indices()
+    if not indices:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    for index in reversed(indices):
+      try:
+        state, meta = self.restore(abstract_state, index)
+        failure = None
+      except CheckpointDamagedError as e:
+        state = meta = None
+        failure = e
+      if jax.process_count() > 1:  # every process resumes from the same checkpoint
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        if np.any(multihost_utils.process_allgather(np.int32(failure is not None))):
+          failure = failure or CheckpointDamagedError(
+              f"checkpoint #{index} in {self.directory} cannot be restored on another process")
+      if failure is None:
+        return index, state, meta
+      logging.warning("%s; skipped, trying an older checkpoint", failure)
+    raise errors.ConfigError(
+        f"no checkpoint in {self.directory} can be restored (checkpoints "
+        f"{', '.join(f'#{i}' for i in indices)} are damaged: truncated, missing or corrupt "
+        f"files); start a new --workdir, or move {self.directory} away to start this run over "
+        "in the same workdir")
 
   def restore_meta(self, index: int | None = None) -> dict[str, Any] | None:
     """Only the meta dict of checkpoint `index` (default latest); None if there is no checkpoint."""
@@ -165,6 +224,14 @@ def _check_stored_shapes(state_dir: str, abstract_state: Any) -> None:
       raise ValueError(f"state leaf {key} is {where}")
     if stored[key] != wanted[key]:
       raise ValueError(f"state leaf {key} has shape {wanted[key]}, the checkpoint {stored[key]}")
+
+
+def _root_cause(e: BaseException) -> str:
+  """``'Type: first line'`` of the innermost cause of `e` (TensorStore wraps its I/O errors)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 def _as_abstract(x: Any) -> Any:

@@ -973,13 +973,15 @@ class _Runner:
     if latest is None:
       logging.info("starting a new search in %s", self.workdir)
       return self.fresh_state(), _Position()
-    state, meta = self.ckpt.restore(self.abstract_state(), latest)  # ConfigError on mismatch
-    self.save_index = latest
-    self.last_good = (latest, meta["position"]["global_step"])
+    # The newest checkpoint that restores (damaged ones are skipped with a warning each); a
+    # checkpoint of another layout is a ConfigError.
+    index, state, meta = self.ckpt.restore_newest(self.abstract_state())
+    self.save_index = latest  # new checkpoints go above every one on disk, damaged ones too
+    self.last_good = (index, meta["position"]["global_step"])
     self.history = list(meta.get("history", []))
     self.val_accuracy = meta.get("val_accuracy")
     pos = _Position(**meta["position"])
-    logging.info("resumed checkpoint #%d of %s at %s", latest, self.workdir, pos)
+    logging.info("resumed checkpoint #%d of %s at %s", index, self.workdir, pos)
     return state, pos
 
   def run(self) -> SearchResult:

@@ -411,10 +411,11 @@ class _Trainer:
 
   def restore_or_init(self):
     if self.ckpt.latest_index() is not None:
-      state, meta = self.ckpt.restore(self.abstract_state())
+      # The newest checkpoint that restores (damaged ones are skipped with a warning each).
+      index, state, meta = self.ckpt.restore_newest(self.abstract_state())
       self.history = list(meta.get("history", []))
-      logging.info("resumed from checkpoint %d: epoch %d, step %d", self.ckpt.latest_index(),
-                   meta["epoch"], meta["step"])
+      logging.info("resumed from checkpoint %d: epoch %d, step %d", index, meta["epoch"],
+                   meta["step"])
       return state, int(meta["epoch"]), int(meta["step"])
     init = jax.jit(self._init, out_shardings=self.replicated)
     return init(jax.random.key(int(self.config.seed))), 0, 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -394,6 +395,47 @@ def test_checkpoint_of_another_layout_is_refused_with_a_clear_error(reference_ru
   ckpt.close()
   with pytest.raises(errors.ConfigError, match=r"does not match the state .* new --workdir"):
     search.run(config, moved)
+
+
+def truncate_largest_data_file(checkpoint_dir: str) -> str:
+  """Cuts the largest array data file of one checkpoint folder to half its size; returns it."""
+  files = glob.glob(os.path.join(checkpoint_dir, "state", "**", "d", "*"), recursive=True)
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  return path
+
+
+def test_damaged_latest_checkpoint_is_skipped_and_resume_equals_resuming_the_older_one(
+    fast_compile, tmp_path, cifar10_subset_dir, caplog):
+  del fast_compile
+  older, damaged = str(tmp_path / "older"), str(tmp_path / "damaged")
+  search.run(tiny_config(cifar10_subset_dir, **{"debug.stop_after_steps": 3}), older)
+  shutil.copytree(older, damaged)
+  ckpt = checkpointing.Checkpointer(os.path.join(older, "checkpoints"))
+  latest = ckpt.latest_index()
+  ckpt.close()
+  shutil.rmtree(os.path.join(older, "checkpoints", str(latest)))  # resumes from the one before
+  truncate_largest_data_file(os.path.join(damaged, "checkpoints", str(latest)))
+  expected = search.run(tiny_config(cifar10_subset_dir), older)
+  with caplog.at_level(logging.WARNING):
+    resumed = search.run(tiny_config(cifar10_subset_dir), damaged)
+  skipped = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert len(skipped) == 1 and "\n" not in skipped[0]
+  assert skipped[0].startswith(f"checkpoint #{latest} in {damaged}/checkpoints cannot be restored")
+  assert resumed.completed and resumed.global_step == expected.global_step == 6
+  assert_same_result(expected, resumed)
+  assert [h["val_accuracy"] for h in resumed.history] == [h["val_accuracy"]
+                                                           for h in expected.history]
+  # When no checkpoint restores: one line naming the checkpoint folder and the fix.
+  ckpt = checkpointing.Checkpointer(os.path.join(damaged, "checkpoints"))
+  for index in ckpt.all_indices():
+    truncate_largest_data_file(os.path.join(damaged, "checkpoints", str(index)))
+  ckpt.close()
+  with pytest.raises(errors.ConfigError, match=rf"no checkpoint in {damaged}/checkpoints can be "
+                     r"restored .* start a new --workdir") as e:
+    search.run(tiny_config(cifar10_subset_dir), damaged)
+  assert "\n" not in str(e.value)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(reference_run, tmp_path, cifar10_subset_dir):

@@ -8,9 +8,12 @@ ends with exactly the test loss of an uninterrupted run); the files a run must l
 from __future__ import annotations
 
 import copy
+import glob
 import json
+import logging
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,7 +111,7 @@ def test_bad_model_config_is_refused_before_the_workdir_exists(tmp_path, field, 
   assert not os.path.exists(tmp_path / "never")
 
 
-def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp_path):
+def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp_path, caplog):
   geno_path = str(tmp_path / "genotype.json")
   TINY.save(geno_path)
   config = _tiny_config(cifar10_subset_dir, geno_path)
@@ -128,12 +131,27 @@ def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp
   config.train.stop_after_steps = 4
   part = train_eval.run(config, str(tmp_path / "resumed"))
   assert part["epochs_done"] == 1 and "test_error" not in part
+  shutil.copytree(tmp_path / "resumed", tmp_path / "damaged")
   config.train.stop_after_steps = -1
   resumed = train_eval.run(config, str(tmp_path / "resumed"))
   assert resumed["epochs_done"] == 2
   for key in ("test_loss", "test_accuracy"):
     assert resumed[key] == full[key], key  # bit-identical training trajectory
   np.testing.assert_equal(resumed["history"][0]["test_loss"], full["history"][0]["test_loss"])
+
+  # A damaged newest checkpoint (step 4) is skipped with one line naming it; the run resumes from
+  # the one before (end of epoch 1) and ends exactly as the uninterrupted run.
+  damaged = tmp_path / "damaged" / "checkpoints"
+  latest = max(int(n) for n in os.listdir(damaged) if n.isdigit())
+  files = glob.glob(str(damaged / str(latest) / "state" / "**" / "d" / "*"), recursive=True)
+  with open(max(files, key=os.path.getsize), "r+b") as f:
+    f.truncate(os.path.getsize(f.name) // 2)
+  with caplog.at_level(logging.WARNING):
+    again = train_eval.run(config, str(tmp_path / "damaged"))
+  skipped = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert len(skipped) == 1 and skipped[0].startswith(f"checkpoint #{latest} in {damaged} ")
+  for key in ("test_loss", "test_accuracy"):
+    assert again[key] == full[key], key
 
   # A resume with another network is refused before anything is written: config.json stays.
   workdir = tmp_path / "resumed"
