@@ -1,7 +1,9 @@
-"""CIFAR-10 / CIFAR-100 input pipeline: loading, seeded splits, on-device augmentation, sharding.
+"""Input pipeline: CIFAR-10/100, TFDS image datasets or one's own images; seeded splits,
+on-device augmentation, sharding.
 
-Batches are dicts ``{'image': f32[B, 32, 32, 3] (normalised), 'label': i32[B]}`` (plus
-``'mask': f32[B]`` when an epoch is iterated with ``drop_remainder=False``, see `epoch_batches`).
+Batches are dicts ``{'image': f32[B, H, W, C] (normalised), 'label': i32[B]}`` (plus
+``'mask': f32[B]`` when an epoch is iterated with ``drop_remainder=False``, see `epoch_batches`);
+32 x 32 x 3 for CIFAR, any size and channel count for other data.
 
 Data sources (``config.data.source``):
 
@@ -12,23 +14,40 @@ Data sources (``config.data.source``):
   ``test.bin``; 1 coarse + 1 fine label byte + 3,072 pixel bytes) or ``cifar-100-python``
   (pickles ``train``, ``test``). ``data_dir`` may point at the layout folder itself or at its
   parent. CIFAR-100 uses the 100 fine labels.
-* ``'tfds'``: a dataset prepared by TensorFlow Datasets in the ``array_record`` file format, read
-  with ``tfds.data_source`` (random access, no TensorFlow needed). Preparing it needs internet
-  and, for TFDS, TensorFlow: ``pip install -e .[prepare]`` then
+* ``'tfds'``: any TFDS image-classification dataset (features ``'image'`` and ``'label'``, splits
+  ``'train'`` and ``'test'``) prepared in the ``array_record`` file format, read with
+  ``tfds.data_source`` (random access, no TensorFlow needed). Preparing it needs internet and,
+  for TFDS, TensorFlow: ``pip install -e .[prepare]`` then
   ``python -m bnas_jax.input_pipeline prepare --name cifar10 [--data_dir DIR]`` (or ``make data``).
+* ``'npz'``: one's own data in one ``.npz`` file (``data_dir`` is its path) with the arrays
+  ``x_train`` u8[N, H, W] or u8[N, H, W, C], ``y_train`` int[N] (or int[N, 1]), ``x_test`` and
+  ``y_test`` (the names of ``keras.datasets``); labels in ``[0, num_classes)``, num_classes =
+  the largest label + 1.
+* ``'folder'``: one's own images, one subfolder per class: ``data_dir/train/<class>/*.png``
+  (any format PIL reads) and ``data_dir/test/<class>/*``; classes are the sorted subfolder names
+  of ``train``. Greyscale images (all of them) load with 1 channel, others as RGB.
+
+Other than CIFAR, the images may have any size and channel count and any number of classes; the
+search and evaluation networks adapt (stem input channels, classifier outputs; the cells' global
+average pooling takes any size whose sides are divisible by 4). Their normalisation statistics are
+computed from the training set (`channel_stats`); CIFAR uses the official ones.
 
 The training process never imports TensorFlow.
 
 ``config.data`` fields (defaults in `get_config`):
 
-* ``name``: ``'cifar10'`` | ``'cifar100'``.
-* ``source``: ``'local'`` | ``'tfds'``.
+* ``name``: ``'local'``: ``'cifar10'`` | ``'cifar100'``; ``'tfds'``: the TFDS name (e.g.
+  ``'mnist'``, ``'svhn_cropped'``); ``'npz'`` / ``'folder'``: a label for the logs.
+* ``source``: ``'local'`` | ``'tfds'`` | ``'npz'`` | ``'folder'``.
 * ``data_dir``: str or None. ``'local'``: the layout folder or its parent; None means
   ``$BNAS_DATA_DIR``, else ``~/.cache/bnas_jax`` (where ``make data-shared`` and the tests build
-  ``cifar-10-batches-bin``). ``'tfds'``: the TFDS data dir (None = TFDS default).
+  ``cifar-10-batches-bin``). ``'tfds'``: the TFDS data dir (None = TFDS default). ``'npz'``: the
+  ``.npz`` file. ``'folder'``: the folder holding ``train/`` and ``test/``.
 * ``num_train``, ``num_test``: expected numbers of records (50,000 / 10,000 for the official
-  sets; smaller for a subset such as the 4,000/1,000 lossless CIFAR-10 subset). A mismatch is an
-  error.
+  sets; smaller for a subset such as the 4,000/1,000 lossless CIFAR-10 subset); -1 accepts any
+  number (one's own data). A mismatch is an error.
+* ``image_size``: 0 keeps the images as they are (they must all have one size); > 0 resizes every
+  image to ``image_size x image_size`` (bilinear, PIL) when it is loaded. Not for ``'local'``.
 * ``seed``: seeds the splits, the per-epoch shuffles and the augmentation. In the search and
   retraining configs it follows the top-level ``seed`` unless set itself (`follow`).
 * ``splits``: ``{name: size}`` of disjoint subsets of the training set drawn by `split_train`
@@ -45,8 +64,8 @@ Randomness (all reproducible from ``seed``):
   (`batch_key`) inside one jitted function, so a run resumed at ``(epoch, start_step)`` sees
   exactly the batches of an uninterrupted run.
 
-Augmentation (spec section 5; DARTS): random 32x32 crop of the image zero-padded by 4 pixels (in
-pixel space), horizontal flip with probability 1/2, per-channel normalisation with the official
+Augmentation (spec section 5; DARTS): random H x W crop of the image zero-padded by 4 pixels (in
+pixel space), horizontal flip with probability 1/2, per-channel normalisation with the dataset's
 mean/std, then cutout: a ``cutout x cutout`` square centred uniformly in the image, clipped at the
 borders, set to 0 *after* normalisation.
 
@@ -119,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.name = 'cifar10'
   config.source = 'local'
   config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.image_size = 0
   config.num_train = _OFFICIAL_COUNTS['train']
   config.num_test = _OFFICIAL_COUNTS['test']
   config.seed = 0
@@ -144,15 +164,15 @@ class Dataset:
   """A loaded dataset, all on the host.
 
   Attributes:
-    name: ``'cifar10'`` or ``'cifar100'``.
-    train_images: u8[N_train, 32, 32, 3], official order.
+    name: ``config.data.name`` (``'cifar10'``, ``'cifar100'``, a TFDS name or a label).
+    train_images: u8[N_train, H, W, C] (32 x 32 x 3 for CIFAR), in file order.
     train_labels: i32[N_train] in ``[0, num_classes)``.
-    test_images: u8[N_test, 32, 32, 3].
+    test_images: u8[N_test, H, W, C].
     test_labels: i32[N_test].
-    num_classes: 10 or 100.
-    mean: f32[3] per-channel mean in [0, 1] units used for normalisation.
-    std: f32[3] per-channel standard deviation in [0, 1] units.
-    source: where the data was read from (a folder, or ``tfds:<name>``).
+    num_classes: 10 or 100 for CIFAR.
+    mean: f32[C] per-channel mean in [0, 1] units used for normalisation.
+    std: f32[C] per-channel standard deviation in [0, 1] units.
+    source: where the data was read from (a folder or file, or ``tfds:<name>``).
   """
   name: str
   train_images: np.ndarray
@@ -164,10 +184,18 @@ class Dataset:
   std: np.ndarray
   source: str
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the images."""
+    return tuple(int(d) for d in self.train_images.shape[1:])
+
 
 def _dataset_info(name: str):
   if name not in _DATASETS:
-    raise DatasetError(f'config.data.name={name!r} is not supported; use one of {sorted(_DATASETS)}.')
+    raise DatasetError(
+        f'config.data.name={name!r} is not a CIFAR layout of config.data.source="local"; use one '
+        f'of {sorted(_DATASETS)}, or set config.data.source to "tfds" (a TFDS name), "npz" or '
+        f'"folder" for other data.')
   return _DATASETS[name]
 
 
@@ -333,10 +361,13 @@ def _check_labels(labels: np.ndarray, num_classes: int, path: str) -> np.ndarray
 
 
 def _check_count(what: str, found: int, expected: int, detail: str) -> None:
+  if expected < 0:  # -1: any number (one's own data)
+    return
   if found < expected:
     raise DatasetError(
         f'{what}: expected {expected:,} records, found {found:,} ({detail}). A truncated or '
-        f'missing file? For a deliberate subset set config.data.num_train / num_test.')
+        f'missing file? For a deliberate subset set config.data.num_train / num_test (-1: any '
+        f'number).')
   if found > expected:
     raise DatasetError(
         f'{what}: expected {expected:,} records (config.data.num_train / num_test), found '
@@ -403,27 +434,31 @@ def load_local(name: str, data_dir: str | None = None, *, num_train: int = 50_00
 
 
 def load_tfds(name: str, data_dir: str | None = None, *, num_train: int = 50_000,
-              num_test: int = 10_000) -> Dataset:
-  """Loads CIFAR-10/100 prepared by TFDS in the array_record format, without TensorFlow.
+              num_test: int = 10_000, image_size: int = 0) -> Dataset:
+  """Loads a TFDS image-classification dataset prepared in the array_record format, without
+  TensorFlow.
 
   Args:
-    name: ``'cifar10'`` or ``'cifar100'`` (the TFDS names).
+    name: the TFDS name (``'cifar10'``, ``'cifar100'``, ``'mnist'``, ...); the dataset needs the
+      features ``'image'`` and ``'label'`` and the splits ``'train'`` and ``'test'``.
     data_dir: the TFDS data dir; None = TFDS's default (``~/tensorflow_datasets``).
-    num_train: expected number of training records.
-    num_test: expected number of test records.
+    num_train: expected number of training records (-1: any).
+    num_test: expected number of test records (-1: any).
+    image_size: > 0 resizes every image to ``image_size x image_size``; 0 keeps them.
 
   Returns:
-    The `Dataset` in TFDS record order.
+    The `Dataset` in TFDS record order; CIFAR with the official mean/std, other datasets with
+    the statistics of their training split (`channel_stats`).
 
   Raises:
     DatasetError: the dataset is not prepared in ``data_dir`` in the array_record format (the
-      message says how to prepare it), or the record counts differ from ``num_train`` /
+      message says how to prepare it), has no ``'image'`` / ``'label'`` features, images of
+      several sizes without ``image_size``, or record counts other than ``num_train`` /
       ``num_test``.
   """
-  num_classes, mean, std, _, _ = _dataset_info(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  arrays = {}
+  arrays, num_classes = {}, None
   for split, expected in (('train', num_train), ('test', num_test)):
     try:
       source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -434,16 +469,238 @@ def load_tfds(name: str, data_dir: str | None = None, *, num_train: int = 50_000
           f'an array_record data source: {type(e).__name__}: {str(e)[:300]}. Prepare it with '
           f'`pip install -e .[prepare]` and `python -m bnas_jax.input_pipeline prepare --name '
           f'{name}` (or `make data`), or use config.data.source="local".') from e
+    if num_classes is None:
+      try:
+        num_classes = int(source.dataset_info.features['label'].num_classes)
+      except (AttributeError, KeyError, TypeError):
+        num_classes = None
     _check_count(f'TFDS {name} {split} split', len(records), expected, f'data_dir={data_dir!r}')
-    images = np.stack([np.asarray(r['image'], np.uint8) for r in records])
+    if records and not {'image', 'label'} <= set(records[0]):
+      raise DatasetError(f'TFDS {name} {split}: records have the features {sorted(records[0])}; '
+                         'an image-classification dataset with "image" and "label" is needed.')
+    images = _stack_images([np.asarray(r['image'], np.uint8) for r in records], image_size,
+                           f'TFDS {name} {split}')
     labels = np.asarray([r['label'] for r in records], np.int32)
-    if images.shape[1:] != IMAGE_SHAPE:
+    if name in _DATASETS and images.shape[1:] != IMAGE_SHAPE:
       raise DatasetError(f'TFDS {name} {split}: expected images {IMAGE_SHAPE}, got {images.shape[1:]}.')
-    arrays[split] = (images, _check_labels(labels, num_classes, f'tfds:{name}/{split}'))
+    arrays[split] = (images, labels)
+  if num_classes is None:
+    num_classes = int(max(arrays['train'][1].max(initial=-1), arrays['test'][1].max(initial=-1))) + 1
+  for split, (_, labels) in arrays.items():
+    _check_labels(labels, num_classes, f'tfds:{name}/{split}')
+  if name in _DATASETS:
+    _, mean, std, _, _ = _DATASETS[name]
+  else:
+    mean, std = channel_stats(arrays['train'][0])
   return Dataset(name=name, train_images=arrays['train'][0], train_labels=arrays['train'][1],
                  test_images=arrays['test'][0], test_labels=arrays['test'][1],
                  num_classes=num_classes, mean=np.asarray(mean, np.float32),
                  std=np.asarray(std, np.float32), source=f'tfds:{name}')
+
+
+# ---------------------------------------------------------------------------
+# One's own data: a .npz file or a folder of images per class.
+# ---------------------------------------------------------------------------
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation of u8[N, H, W, C] images, in [0, 1] units.
+
+  Returns:
+    ``(mean f32[C], std f32[C])``; a constant channel gets std 1 (so normalising keeps it finite).
+  """
+  c = images.shape[-1]
+  total, total_sq, n = np.zeros(c), np.zeros(c), 0
+  for start in range(0, len(images), chunk):
+    x = images[start:start + chunk].reshape(-1, c).astype(np.float64) / 255.0
+    total += x.sum(0)
+    total_sq += np.square(x).sum(0)
+    n += x.shape[0]
+  mean = total / max(n, 1)
+  std = np.sqrt(np.maximum(total_sq / max(n, 1) - np.square(mean), 0.0))
+  std = np.where(std > 0, std, 1.0)
+  return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _as_nhwc(images: np.ndarray, what: str) -> np.ndarray:
+  """u8[N, H, W] or u8[N, H, W, C] -> u8[N, H, W, C]."""
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] < 1:
+    raise DatasetError(f'{what}: expected images u8[N, H, W] or u8[N, H, W, C], got shape '
+                       f'{images.shape}.')
+  if images.dtype != np.uint8:
+    raise DatasetError(f'{what}: expected uint8 pixels in [0, 255], got {images.dtype}; convert '
+                       'with (x * 255).round().astype(np.uint8) for floats in [0, 1].')
+  return np.ascontiguousarray(images)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  """u8[H, W, C] -> u8[size, size, C] (bilinear, PIL)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  channels = [np.asarray(Image.fromarray(image[..., k]).resize((size, size), Image.BILINEAR))
+              for k in range(image.shape[-1])]
+  return np.stack(channels, -1)
+
+
+def _stack_images(images: Sequence[np.ndarray], image_size: int, what: str) -> np.ndarray:
+  """Stacks u8[H, W(, C)] images (resized to ``image_size`` if > 0) into u8[N, H, W, C]."""
+  images = [im[..., None] if im.ndim == 2 else im for im in images]
+  if image_size > 0:
+    images = [im if im.shape[:2] == (image_size, image_size) else _resize(im, image_size)
+              for im in images]
+  shapes = sorted({im.shape for im in images})
+  if len(shapes) > 1:
+    raise DatasetError(f'{what}: images of {len(shapes)} shapes ({shapes[:3]}...); set '
+                       'config.data.image_size to resize them to one size.')
+  if not images:
+    raise DatasetError(f'{what}: no images.')
+  return _as_nhwc(np.stack(images), what)
+
+
+def check_image_shape(image_shape: Sequence[int]) -> None:
+  """Raises `DatasetError` unless both sides of ``(H, W, C)`` images are divisible by 4: the
+  search and evaluation networks halve them twice (two reduction stages), and their two-path
+  reductions need even sides both times."""
+  h, w = int(image_shape[0]), int(image_shape[1])
+  if h % 4 or w % 4:
+    fix = 4 * max(1, round(max(h, w) / 4))
+    raise DatasetError(f'images of {h} x {w} pixels: both sides must be divisible by 4 (the '
+                       f'networks halve them twice); set config.data.image_size={fix} to resize.')
+
+
+def _check_labels_1d(labels: np.ndarray, n: int, what: str) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+    raise DatasetError(f'{what}: expected {n} integer labels int[N], got {labels.dtype}'
+                       f'{list(labels.shape)}.')
+  if labels.size and labels.min() < 0:
+    raise DatasetError(f'{what}: labels must be >= 0, found {labels.min()}.')
+  return labels.astype(np.int32)
+
+
+def _own_dataset(name: str, train: tuple[np.ndarray, np.ndarray],
+                 test: tuple[np.ndarray, np.ndarray], source: str) -> Dataset:
+  if train[0].shape[1:] != test[0].shape[1:]:
+    raise DatasetError(f'{source}: training images {train[0].shape[1:]} and test images '
+                       f'{test[0].shape[1:]} differ in shape; set config.data.image_size.')
+  num_classes = int(max(train[1].max(initial=-1), test[1].max(initial=-1))) + 1
+  mean, std = channel_stats(train[0])
+  return Dataset(name=name, train_images=train[0], train_labels=train[1], test_images=test[0],
+                 test_labels=test[1], num_classes=num_classes, mean=mean, std=std, source=source)
+
+
+def load_npz(path: str, *, name: str = 'npz', num_train: int = -1, num_test: int = -1,
+             image_size: int = 0) -> Dataset:
+  """Loads one's own data from a ``.npz`` file with ``x_train``, ``y_train``, ``x_test``,
+  ``y_test`` (module docstring).
+
+  Args:
+    path: the ``.npz`` file.
+    name: a label for the logs.
+    num_train, num_test: expected numbers of examples (-1: any).
+    image_size: > 0 resizes every image to ``image_size x image_size``; 0 keeps them.
+
+  Returns:
+    The `Dataset` (images u8[N, H, W, C]; mean/std from the training images).
+
+  Raises:
+    DatasetNotFoundError: no such file. DatasetError: a missing array, images that are not
+    uint8 [N, H, W(, C)], labels that are not N integers >= 0, or other counts than expected.
+  """
+  path = os.path.expanduser(path or '')
+  if not os.path.isfile(path):
+    raise DatasetNotFoundError(f'config.data.data_dir={path!r} is not a file: for '
+                               'config.data.source="npz" point it at the .npz file.')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except (OSError, ValueError) as e:
+    raise DatasetError(f'{path!r} is not a readable .npz file: {e}') from e
+  missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k not in arrays]
+  if missing:
+    raise DatasetError(f'{path!r} lacks the arrays {missing} (it has {sorted(arrays)}); save it '
+                       'with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).')
+  parts = {}
+  for split, expected in (('train', num_train), ('test', num_test)):
+    what = f'{path}: x_{split}'
+    images = _as_nhwc(np.asarray(arrays[f'x_{split}']), what)
+    if image_size > 0 and images.shape[1:3] != (image_size, image_size):
+      images = _stack_images(list(images), image_size, what)
+    labels = _check_labels_1d(arrays[f'y_{split}'], len(images), f'{path}: y_{split}')
+    _check_count(f'{path} {split} set', len(labels), expected, f'x_{split}: {len(labels):,}')
+    parts[split] = (images, labels)
+  return _own_dataset(name, parts['train'], parts['test'], path)
+
+
+_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                     '.pgm')
+
+
+def load_folder(data_dir: str, *, name: str = 'folder', num_train: int = -1, num_test: int = -1,
+                image_size: int = 0) -> Dataset:
+  """Loads one's own images from ``data_dir/{train,test}/<class>/<image>`` (module docstring).
+
+  Args:
+    data_dir: the folder holding ``train/`` and ``test/``.
+    name: a label for the logs.
+    num_train, num_test: expected numbers of images (-1: any).
+    image_size: > 0 resizes every image to ``image_size x image_size``; 0 needs one size.
+
+  Returns:
+    The `Dataset`: labels are the indices of the sorted class folder names of ``train/``; images
+    u8[N, H, W, 1] when every image is greyscale, else u8[N, H, W, 3].
+
+  Raises:
+    DatasetNotFoundError: a missing folder. DatasetError: no class folders or images, a test
+    class that ``train/`` lacks, unreadable images, several sizes without ``image_size``, or
+    other counts than expected.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.expanduser(data_dir or '')
+  for split in ('train', 'test'):
+    if not os.path.isdir(os.path.join(data_dir, split)):
+      raise DatasetNotFoundError(
+          f'{os.path.join(data_dir, split)!r} does not exist: for config.data.source="folder" '
+          'point config.data.data_dir at a folder with train/<class>/ and test/<class>/ images.')
+  classes = sorted(d for d in os.listdir(os.path.join(data_dir, 'train'))
+                   if os.path.isdir(os.path.join(data_dir, 'train', d)))
+  if not classes:
+    raise DatasetError(f'{os.path.join(data_dir, "train")!r} has no class subfolders.')
+  files = {}
+  for split in ('train', 'test'):
+    extra = sorted(set(d for d in os.listdir(os.path.join(data_dir, split))
+                       if os.path.isdir(os.path.join(data_dir, split, d))) - set(classes))
+    if extra:
+      raise DatasetError(f'{os.path.join(data_dir, split)!r} has classes {extra} that train/ '
+                         'lacks.')
+    files[split] = [(os.path.join(data_dir, split, c, f), k) for k, c in enumerate(classes)
+                    if os.path.isdir(os.path.join(data_dir, split, c))
+                    for f in sorted(os.listdir(os.path.join(data_dir, split, c)))
+                    if f.lower().endswith(_IMAGE_EXTENSIONS)]
+  decoded = {}
+  for split, items in files.items():
+    out = []
+    for path, _ in items:
+      try:
+        with Image.open(path) as im:
+          im.load()
+          out.append(im.copy())
+      except OSError as e:
+        raise DatasetError(f'{path!r} is not an image PIL can read: {e}') from e
+    decoded[split] = out
+  grey = all(im.mode in ('1', 'L', 'I', 'I;16', 'F') for ims in decoded.values() for im in ims)
+  parts = {}
+  for split, expected in (('train', num_train), ('test', num_test)):
+    images = [np.asarray(im.convert('L' if grey else 'RGB'), np.uint8) for im in decoded[split]]
+    what = os.path.join(data_dir, split)
+    stacked = _stack_images(images, image_size, what)
+    labels = np.asarray([k for _, k in files[split]], np.int32)
+    _check_count(f'{what}', len(labels), expected, f'{len(labels):,} images')
+    parts[split] = (stacked, labels)
+  return _own_dataset(name, parts['train'], parts['test'], data_dir)
 
 
 def prepare_tfds(name: str, data_dir: str | None = None) -> None:
@@ -455,7 +712,6 @@ def prepare_tfds(name: str, data_dir: str | None = None) -> None:
   Raises:
     DatasetError: TensorFlow (or TFDS's download helper) is not installed.
   """
-  _dataset_info(name)
   import importlib.util  # pylint: disable=g-import-not-at-top
   missing = [m for m in ('tensorflow', 'importlib_resources') if importlib.util.find_spec(m) is None]
   if missing:
@@ -471,18 +727,27 @@ def load_dataset(data_cfg: ml_collections.ConfigDict | Mapping) -> Dataset:
   """Loads the dataset described by ``config.data`` (fields in the module docstring).
 
   Raises:
-    DatasetError / DatasetNotFoundError: as `load_local` / `load_tfds`, or an unknown source.
+    DatasetError / DatasetNotFoundError: as `load_local` / `load_tfds` / `load_npz` /
+      `load_folder`, or an unknown source.
   """
   get = data_cfg.get
   name = get('name', 'cifar10')
   kwargs = dict(num_train=int(get('num_train', _OFFICIAL_COUNTS['train'])),
                 num_test=int(get('num_test', _OFFICIAL_COUNTS['test'])))
   source = get('source', 'local')
+  image_size = int(get('image_size', 0) or 0)
   if source == 'local':
+    if image_size:
+      raise DatasetError('config.data.image_size applies to the tfds, npz and folder sources; '
+                         'set it to 0 for the CIFAR layouts of source "local".')
     return load_local(name, get('data_dir', None), **kwargs)
   if source == 'tfds':
-    return load_tfds(name, get('data_dir', None), **kwargs)
-  raise DatasetError(f"config.data.source={source!r} is not supported; use 'local' or 'tfds'.")
+    return load_tfds(name, get('data_dir', None), image_size=image_size, **kwargs)
+  if source in ('npz', 'folder'):
+    load = load_npz if source == 'npz' else load_folder
+    return load(get('data_dir', None), name=name, image_size=image_size, **kwargs)
+  raise DatasetError(f"config.data.source={source!r} is not supported; use 'local', 'tfds', "
+                     "'npz' or 'folder'.")
 
 
 # ---------------------------------------------------------------------------
@@ -713,7 +978,7 @@ def split_train(num_examples: int, sizes: Mapping[str, int], seed: int) -> dict[
 
 def make_splits(dataset: Dataset, sizes: Mapping[str, int], seed: int
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """``{name: (u8[n, 32, 32, 3] images, i32[n] labels)}`` for the `split_train` splits."""
+  """``{name: (u8[n, H, W, C] images, i32[n] labels)}`` for the `split_train` splits."""
   idx = split_train(len(dataset.train_labels), sizes, seed)
   return {k: (dataset.train_images[v], dataset.train_labels[v]) for k, v in idx.items()}
 
@@ -741,7 +1006,7 @@ def batch_key(seed: int, epoch: int, step: int) -> jax.Array:
 
 
 def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """u8[B, H, W, 3] pixels -> f32[B, H, W, 3] ``(x / 255 - mean) / std`` (per channel)."""
+  """u8[B, H, W, C] pixels -> f32[B, H, W, C] ``(x / 255 - mean) / std`` (per channel)."""
   x = jnp.asarray(images).astype(jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
@@ -752,9 +1017,9 @@ def augment(key: jax.Array, images: jax.Array, mean: jax.Array, std: jax.Array, 
 
   Args:
     key: a PRNG key (use `batch_key`).
-    images: u8[B, H, W, 3].
-    mean: f32[3] per-channel mean in [0, 1] units.
-    std: f32[3] per-channel std.
+    images: u8[B, H, W, C].
+    mean: f32[C] per-channel mean in [0, 1] units.
+    std: f32[C] per-channel std.
     crop_padding: zero-pad each side by this many pixels (in pixel space, before normalisation)
       and crop a random HxW window; 0 = no crop.
     flip: mirror left-right with probability 1/2.
@@ -762,7 +1027,7 @@ def augment(key: jax.Array, images: jax.Array, mean: jax.Array, std: jax.Array, 
       clipped at the borders (rows ``[cy - cutout//2, cy + cutout//2)``); 0 = off.
 
   Returns:
-    f32[B, H, W, 3].
+    f32[B, H, W, C].
   """
   b, h, w, _ = images.shape
   k_crop, k_flip, k_cut = jax.random.split(key, 3)
@@ -882,13 +1147,13 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
   ``(seed, epoch, step)``: starting at ``start_step`` gives exactly the tail of a full epoch.
 
   Args:
-    images: u8[N, 32, 32, 3] host array (e.g. one split from `make_splits`).
+    images: u8[N, H, W, C] host array (e.g. one split from `make_splits`).
     labels: int[N].
     batch_size: global batch size B.
     seed: data seed (shuffle and augmentation).
     epoch: epoch number (>= 0).
-    mean: f32[3] normalisation mean in [0, 1] units (``Dataset.mean``).
-    std: f32[3] normalisation std (``Dataset.std``).
+    mean: f32[C] normalisation mean in [0, 1] units (``Dataset.mean``).
+    std: f32[C] normalisation std (``Dataset.std``).
     augment: random crop (pad 4) + flip + cutout; False = normalisation only.
     cutout: cutout side when ``augment`` (0 = off).
     shuffle: shuffle with `epoch_permutation`; False = file order (evaluation).
@@ -899,15 +1164,15 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
       device. With several processes each one reads only its own rows.
 
   Yields:
-    ``{'image': f32[B, 32, 32, 3], 'label': i32[B]}`` (+ ``'mask'``), placed per ``sharding``.
+    ``{'image': f32[B, H, W, C], 'label': i32[B]}`` (+ ``'mask'``), placed per ``sharding``.
 
   Raises:
     DatasetError: mismatched inputs, a batch size not divisible by the device count, a seed or
       epoch outside [0, 2**31), or a ``start_step`` outside the epoch.
   """
   n = len(labels)
-  if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8 or len(images) != n:
-    raise DatasetError(f'epoch_batches expects u8[N, 32, 32, 3] images and N labels, got '
+  if images.ndim != 4 or images.dtype != np.uint8 or len(images) != n:
+    raise DatasetError(f'epoch_batches expects u8[N, H, W, C] images and N labels, got '
                        f'{images.dtype}{list(images.shape)} and {len(labels)} labels.')
   steps = steps_per_epoch(n, batch_size, drop_remainder)
   if not (0 <= seed < 2**31 and 0 <= epoch < 2**31):
@@ -948,11 +1213,11 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m bnas_jax.input_pipeline',
-                                   description='Prepare or check CIFAR data for bnas_jax.')
+                                   description='Prepare or check data for bnas_jax.')
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('prepare', help='download + prepare with TFDS (array_record); needs '
                      'internet and `pip install -e .[prepare]`')
-  p.add_argument('--name', default='cifar10', choices=sorted(_DATASETS))
+  p.add_argument('--name', default='cifar10', help='TFDS name (default cifar10)')
   p.add_argument('--data_dir', default=None, help='TFDS data dir (default: TFDS default)')
   b = sub.add_parser('build-shared', help='build cifar-10-batches-bin from shared/ (JPEG-derived)')
   b.add_argument('--data_dir', default=None, help=f'parent folder (default {default_data_dir()})')
@@ -962,11 +1227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   bs.add_argument('--data_dir', default=None, help=f'parent folder (default {default_data_dir()})')
   bs.add_argument('--shared', default=None, help='shared/ folder (default: found automatically)')
   c = sub.add_parser('check', help='load a dataset and print a summary')
-  c.add_argument('--name', default='cifar10', choices=sorted(_DATASETS))
-  c.add_argument('--source', default='local', choices=['local', 'tfds'])
+  c.add_argument('--name', default='cifar10')
+  c.add_argument('--source', default='local', choices=['local', 'tfds', 'npz', 'folder'])
   c.add_argument('--data_dir', default=None)
-  c.add_argument('--num_train', type=int, default=_OFFICIAL_COUNTS['train'])
-  c.add_argument('--num_test', type=int, default=_OFFICIAL_COUNTS['test'])
+  c.add_argument('--num_train', type=int, default=_OFFICIAL_COUNTS['train'], help='-1: any')
+  c.add_argument('--num_test', type=int, default=_OFFICIAL_COUNTS['test'], help='-1: any')
+  c.add_argument('--image_size', type=int, default=0, help='> 0: resize to this size')
   args = parser.parse_args(argv)
   try:
     return _run_command(args)
@@ -984,9 +1250,11 @@ def _run_command(args) -> int:
     print(build_cifar10_subset_from_shared(args.data_dir, args.shared))
   else:
     ds = load_dataset({'name': args.name, 'source': args.source, 'data_dir': args.data_dir,
-                       'num_train': args.num_train, 'num_test': args.num_test})
+                       'num_train': args.num_train, 'num_test': args.num_test,
+                       'image_size': args.image_size})
     print(f'{ds.name} from {ds.source}: train {ds.train_images.shape} test {ds.test_images.shape} '
-          f'classes {ds.num_classes} train counts {np.bincount(ds.train_labels).tolist()}')
+          f'classes {ds.num_classes} train counts {np.bincount(ds.train_labels).tolist()} '
+          f'mean {np.round(ds.mean, 4).tolist()} std {np.round(ds.std, 4).tolist()}')
   return 0
 
 

@@ -302,8 +302,9 @@ def cell_counts(config) -> dict[str, int]:
 
 
 def init_state(config, num_classes: int, switch_shapes: Mapping[str, tuple[int, ...]],
-               key: jax.Array) -> dict[str, Any]:
-  """The full search state (pure; jit it with replicated out_shardings).
+               key: jax.Array, image_shape: tuple[int, int, int] = (32, 32, 3)) -> dict[str, Any]:
+  """The full search state (pure; jit it with replicated out_shardings) for images of
+  ``image_shape`` ``(H, W, C)`` (the parameters depend on C only).
 
   Returns:
     ``{'params', 'batch_stats', 'switches' {tau: f32[n, E, K]} (ones), 'opt_w', 'opt_s',
@@ -313,7 +314,7 @@ def init_state(config, num_classes: int, switch_shapes: Mapping[str, tuple[int, 
   seed = int(config.seed)
   k_init, k_prior = jax.random.split(key)
   switches = {t: jnp.ones(s, jnp.float32) for t, s in switch_shapes.items()}
-  images = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  images = jnp.zeros((2, *image_shape), jnp.float32)
   variables = model.init(k_init, images, switches, train=False)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   tx_w, tx_s = _optimizers(config)
@@ -590,6 +591,7 @@ class _Runner:
     self._nb201_warned = False
     self.stop = _StopSignal()
     self._compile_pool = concurrent.futures.ThreadPoolExecutor(
+    input_pipeline.check_image_shape(self.dataset.image_shape)
         max_workers=2, thread_name_prefix="compile_ahead")
     self._compiling: list[concurrent.futures.Future] = []
 
@@ -611,14 +613,16 @@ class _Runner:
 
   def abstract_state(self):
     shapes = jax.eval_shape(functools.partial(init_state, self.config, self.num_classes,
-                                              self.switch_shapes), _init_key(0))
+                                              self.switch_shapes,
+                                              image_shape=self.dataset.image_shape), _init_key(0))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
                         shapes)
 
   def fresh_state(self):
     """Initial state, computed on one device and replicated (identical for any device count)."""
     key = _init_key(int(self.config.seed))
-    init = jax.jit(functools.partial(init_state, self.config, self.num_classes, self.switch_shapes))
+    init = jax.jit(functools.partial(init_state, self.config, self.num_classes, self.switch_shapes,
+                                     image_shape=self.dataset.image_shape))
     return self.replicate(init(key))
 
   def replicate(self, tree):
@@ -914,6 +918,9 @@ class _Runner:
     alive = {t: np.asarray(a) for t, a in prior.alive.items()}
     scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
     arch = genotype_lib.derive_nb201(self.space, scores, alive)
+    metrics_lib.write_prior_histograms(self.writer, pos.global_step, prior, switches)
+    metrics_lib.write_picture(self.writer, pos.global_step,
+                              os.path.join(self.workdir, "iterations", f"t{t:02d}", "genotype.png"))
     out = {"nb201_arch": arch}
     if self._nb201_table is None and not self._nb201_warned:
       try:
@@ -1088,6 +1095,7 @@ def _abstract(x):
   return x
 
 
+        metrics_lib.write_hparams(self.writer, global_step, self.config, summary)
 def _compile(name: str, fn, args) -> None:
   t0 = time.perf_counter()
   try:

@@ -119,8 +119,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 def create_model(config: ml_collections.ConfigDict,
                  num_classes: int | None) -> eval_net.EvalNetwork:
-  """The evaluation network of `config.genotype` (see `bnas_jax.models.eval_net`)."""
-  dataset = "imagenet" if config.data.name.startswith("imagenet") else config.data.name
+  """The evaluation network of `config.genotype` (see `bnas_jax.models.eval_net`).
+
+  ImageNet names get the ImageNet setting; CIFAR-100 its own; any other data (one's own, TFDS)
+  the CIFAR-10 setting (stem, channels, cells) with `num_classes` outputs.
+  """
+  name = config.data.name
+  dataset = ("imagenet" if name.startswith("imagenet")
+             else name if name in eval_net.DATASET_DEFAULTS else "cifar10")
   m = config.model
   return eval_net.create_eval_net(
       config.genotype, dataset=dataset, num_classes=num_classes,
@@ -167,9 +173,10 @@ def drop_prob_at(t: ml_collections.ConfigDict, epoch: int) -> float:
   return float(t.drop_prob) * epoch / int(t.epochs)
 
 
-def init_state(model, tx, image_size: int, key: jax.Array) -> dict:
-  """Fresh state pytree ``{'params', 'batch_stats', 'opt_state', 'step': i32[]}``."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+def init_state(model, tx, image_size: int | tuple[int, int, int], key: jax.Array) -> dict:
+  """Fresh state pytree ``{'params', 'batch_stats', 'opt_state', 'step': i32[]}`` for images of
+  ``image_size`` (a side: square RGB; or ``(H, W, C)``)."""
+  x = jnp.zeros((1, *eval_net.image_shape_of(image_size)), jnp.float32)
   variables = model.init({"params": key}, x, train=False)
   params = variables["params"]
   return {"params": params, "batch_stats": variables["batch_stats"],
@@ -236,7 +243,19 @@ class _Data:
   num_classes: int
   mean: np.ndarray
   std: np.ndarray
-  image_size: int = 32
+  image_size: int = 32  # ImageNet (decoded per batch): the crop size
+
+  @property
+  def host_decoded(self) -> bool:
+    """ImageNet: images decoded and augmented on the host per batch (`_imagenet_batches`)."""
+    return isinstance(self.train_images, _TfdsImages)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the network's input."""
+    if self.host_decoded:
+      return (self.image_size, self.image_size, 3)
+    return tuple(int(d) for d in self.train_images.shape[1:])
 
 
 def load_data(config: ml_collections.ConfigDict) -> _Data:
@@ -377,6 +396,7 @@ class _Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
     self.data = load_data(c)
+    input_pipeline.check_image_shape(self.data.image_shape)
     self.model = create_model(c, self.data.num_classes)
     n_train = len(self.data.train_images)
     steps = input_pipeline.steps_per_epoch(n_train, int(c.train.batch_size))
@@ -393,7 +413,7 @@ class _Trainer:
         async_save=bool(c.checkpoint.async_save))
     self.save_index = self.ckpt.latest_index() or 0
     self.history: list[dict[str, Any]] = []
-    self._init = functools.partial(init_state, self.model, self.tx, self.data.image_size)
+    self._init = functools.partial(init_state, self.model, self.tx, self.data.image_shape)
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx, seed=int(c.seed),
                           aux_weight=float(c.train.aux_weight),
@@ -432,7 +452,7 @@ class _Trainer:
 
   def train_batches(self, epoch: int, start_step: int):
     c, d = self.config, self.data
-    if d.image_size != 32:
+    if d.host_decoded:
       return _imagenet_batches(d.train_images, batch_size=int(c.train.batch_size),
                                seed=int(c.data.seed), epoch=epoch, mean=d.mean, std=d.std,
                                train=True, start_step=start_step, sharding=self.batch_sharding,
@@ -447,7 +467,7 @@ class _Trainer:
     c, d = self.config, self.data
     bs = int(c.train.eval_batch_size)
     limit = int(c.train.max_eval_examples)
-    if d.image_size != 32:
+    if d.host_decoded:
       max_steps = -(-limit // bs) if limit > 0 else -1
       it = _imagenet_batches(d.test_images, batch_size=bs, seed=0, epoch=0, mean=d.mean,
                              std=d.std, train=False, sharding=self.batch_sharding,
@@ -474,7 +494,7 @@ class _Trainer:
   def run(self) -> dict[str, Any]:
     c = self.config
     t0 = time.time()
-    counts = eval_net.param_counts(self.model, image_size=self.data.image_size)
+    counts = eval_net.param_counts(self.model, image_size=self.data.image_shape)
     logging.info("genotype %s: %s params (aux head %s), %d steps/epoch, %d epochs",
                  c.genotype, f"{counts['params']:,}", f"{counts['aux_params']:,}",
                  self.steps_per_epoch, int(c.train.epochs))

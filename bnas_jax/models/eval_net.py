@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnas_jax import genotype as genotype_lib
 from bnas_jax.models import layers
@@ -328,7 +329,8 @@ class EvalNetwork(nn.Module):
     """Forward pass.
 
     Args:
-      images: f32[B, H, W, 3] normalised images (32x32 CIFAR, 224x224 ImageNet).
+      images: f32[B, H, W, C] normalised images (32x32x3 CIFAR, 224x224x3 ImageNet; any size
+        with sides divisible by 4 and any channel count with the CIFAR stem).
       train: batch statistics + drop path/dropout (needs the 'dropout' rng when drop_prob is
         given) if True; running statistics and no randomness if False.
       drop_prob: scalar drop-path / channel-dropout probability (may be a traced value, so a
@@ -338,8 +340,8 @@ class EvalNetwork(nn.Module):
       (logits f32[B, num_classes], aux_logits f32[B, num_classes] or None); aux_logits is only
       computed in train mode.
     """
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be f32[B, H, W, 3] (NHWC), got shape {images.shape}")
+    if images.ndim != 4:
+      raise ValueError(f"images must be f32[B, H, W, C] (NHWC), got shape {images.shape}")
     family = self.family
     drop_mode = self.drop_mode or ("path" if family == "darts" else "channel")
     c = self.init_channels
@@ -451,11 +453,21 @@ def image_size_for(model: EvalNetwork) -> int:
   return 32 if model.stem == "cifar" else 224
 
 
+def image_shape_of(image_size: int | Sequence[int]) -> tuple[int, int, int]:
+  """``(H, W, C)`` of ``image_size``: a side (square RGB images) or ``(H, W, C)`` itself."""
+  if isinstance(image_size, (int, np.integer)):
+    return (int(image_size), int(image_size), 3)
+  return tuple(int(d) for d in image_size)
+
+
 def abstract_variables(model: EvalNetwork, batch_size: int = 1,
-                       image_size: int | None = None) -> dict:
-  """Shapes of the model's variables via `jax.eval_shape` (nothing is allocated or compiled)."""
-  size = image_size or image_size_for(model)
-  x = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+                       image_size: int | Sequence[int] | None = None) -> dict:
+  """Shapes of the model's variables via `jax.eval_shape` (nothing is allocated or compiled).
+
+  ``image_size``: the side of square RGB images, or ``(H, W, C)``; None = `image_size_for`.
+  """
+  x = jax.ShapeDtypeStruct((batch_size, *image_shape_of(image_size or image_size_for(model))),
+                           jnp.float32)
   return jax.eval_shape(lambda k, im: model.init({"params": k}, im, train=False),
                         jax.random.key(0), x)
 
@@ -473,8 +485,11 @@ def _prod(shape: Sequence[int]) -> int:
   return out
 
 
-def param_counts(model: EvalNetwork, image_size: int | None = None) -> dict[str, int]:
+def param_counts(model: EvalNetwork,
+                 image_size: int | Sequence[int] | None = None) -> dict[str, int]:
   """Parameter counts in the DARTS convention, via `jax.eval_shape` (no compile).
+
+  ``image_size`` as in `abstract_variables` (the auxiliary head's size depends on it).
 
   Returns:
     {'params': without the auxiliary head (the reported number), 'aux_params': the auxiliary
