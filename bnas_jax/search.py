@@ -190,6 +190,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.debug.stop_after_steps = -1  # > 0: stop after this many optimiser steps (simulated kill)
   c.debug.nan_at_step = -1  # > 0: the k-th optimiser step (1-based) gets a NaN batch (tests)
   c.debug.signal_at_step = -1  # > 0: SIGTERM to this process after that optimiser step (tests)
+  # > 0: SIGKILL to this process after that optimiser step and its checkpoint, if one is due (a
+  # crash without any clean-up; multi-host tests pass it to one process only)
+  c.debug.kill_at_step = -1
   return c
 
 
@@ -280,6 +283,60 @@ RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "c
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """`config_files.write_config` with the search's `RESUME_SAFE_FIELDS`."""
   config_files.write_config(config, workdir, RESUME_SAFE_FIELDS)
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Opens every file and folder `config` names; run before the workdir is created.
+
+  The data (`input_pipeline.check_data`: the data folder and every file of its layout) and, in
+  the nb201 space, the NAS-Bench-201 table (`_load_nb201_table`). Logs nothing.
+
+  Raises:
+    input_pipeline.DatasetError: missing or unreadable data (naming config.data.data_dir).
+    errors.ConfigError: a named NAS-Bench-201 table that is missing or cannot be loaded, or an
+      unknown config.nb201.dataset.
+  """
+  input_pipeline.check_data(config.data)
+  _load_nb201_table(config, log=False)
+
+
+def _load_nb201_table(config: ml_collections.ConfigDict, *, log: bool = True):
+  """The `nb201.NB201Table` of an nb201-space search, or None.
+
+  A table is named by config.nb201.table, else by ``$BNAS_NB201_TABLE``; a named table must load.
+  Unnamed, the default table is used when it loads; otherwise the look-ups are off (None), said
+  in one warning when `log`. Other spaces: None.
+
+  Raises:
+    errors.ConfigError: a named table that is missing or cannot be loaded (naming the field and
+      the fix), or a config.nb201.dataset the benchmark does not have.
+  """
+  if config.space != "nb201":
+    return None
+  from bnas_jax import nb201  # pylint: disable=g-import-not-at-top
+  if config.nb201.dataset not in nb201.DATASETS:
+    raise errors.ConfigError(f"config.nb201.dataset={config.nb201.dataset!r}; use one of "
+                             f"{list(nb201.DATASETS)}")
+  env = os.environ.get(nb201.TABLE_ENV_VAR) or None
+  named = config.nb201.table or env
+  field = "config.nb201.table" if config.nb201.table else f"${nb201.TABLE_ENV_VAR}"
+  try:
+    return nb201.load_table(named, config.nb201.dataset)
+  except Exception as e:  # pylint: disable=broad-except  (a bad zip or CSV fails in many ways)
+    if named is None:
+      if log:
+        logging.warning("NAS-Bench-201 look-ups are off: no table is named (config.nb201.table) "
+                        "and the default one is unavailable (%s)", str(e).splitlines()[0])
+      return None
+    path = os.path.abspath(os.path.expanduser(named))
+    if not os.path.exists(path):
+      raise errors.ConfigError(
+          f"{field}={named!r}: {path} does not exist; fix the path (a NASLib nb201 zip or an "
+          f"'arch,accuracy' CSV), or unset it to search without NAS-Bench-201 look-ups") from None
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise errors.ConfigError(
+        f"{field}={named!r} cannot be loaded ({type(e).__name__}: {first}); fix the file or the "
+        "path, or unset it to search without NAS-Bench-201 look-ups") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,6 +469,25 @@ def _static_key(config, num_classes, alive, mesh) -> _StaticKey:
   return _StaticKey(json.dumps(part, sort_keys=True), num_classes, alive, mesh)
 
 
+def curvature_apply(model, variables, switches, images):
+  """Supernet logits ``f32[B, classes]`` for the curvature pass (``apply_fn`` of the estimators).
+
+  Train-mode batch norm with this batch's statistics, held fixed under differentiation
+  (`layers.frozen_batch_stats`): the loss whose Laplace curvature every ``curvature.kind``
+  estimates (``bnas_jax.curvature`` module docstring). Updated running statistics are discarded.
+
+  Args:
+    model: the `Supernet`.
+    variables: ``{'params', 'batch_stats'}``.
+    switches: ``{tau: f32[n, E, K]}`` (or with a leading per-example axis, for the per-example
+      estimators).
+    images: ``f32[B, H, W, C]``.
+  """
+  with layers.frozen_batch_stats():
+    logits, _ = model.apply(variables, images, switches, train=True, mutable=["batch_stats"])
+  return logits
+
+
 @functools.lru_cache(maxsize=8)
 def _build_step_fns(key: _StaticKey) -> StepFns:
   config = ml_collections.ConfigDict(json.loads(key.config_json))
@@ -492,11 +568,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
       and config.curvature.kind not in curvature_lib.REVERSE_MODE_KINDS):
     curv_model = model.clone(dw_impl="shift")
 
-  def apply_fn(variables, switches, images):
-    logits, _ = curv_model.apply(variables, images, switches, train=True,
-                                 mutable=["batch_stats"])
-    return logits
-
+  apply_fn = functools.partial(curvature_apply, curv_model)
   opts = {}
   if int(config.curvature.chunk_size) > 0:
     opts["chunk_size"] = int(config.curvature.chunk_size)
@@ -573,6 +645,7 @@ class _Runner:
     self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
 
     self.dataset = input_pipeline.load_dataset(config.data)
+    input_pipeline.check_image_shape(self.dataset.image_shape)
     self.splits = input_pipeline.make_splits(self.dataset, dict(config.data.splits),
                                              int(config.data.seed))
     self.num_classes = int(self.dataset.num_classes)
@@ -587,11 +660,9 @@ class _Runner:
     self.last_good: tuple[int, int] | None = None  # (save index, global step)
     self.history: list[dict[str, Any]] = []
     self.val_accuracy: float | None = None
-    self._nb201_table = None
-    self._nb201_warned = False
+    self._nb201_table = _load_nb201_table(config)  # None: no look-ups (warned once if unnamed)
     self.stop = _StopSignal()
     self._compile_pool = concurrent.futures.ThreadPoolExecutor(
-    input_pipeline.check_image_shape(self.dataset.image_shape)
         max_workers=2, thread_name_prefix="compile_ahead")
     self._compiling: list[concurrent.futures.Future] = []
 
@@ -770,6 +841,9 @@ class _Runner:
           return state, pos, True
         if pos.global_step == signal_at:
           os.kill(os.getpid(), signal.SIGTERM)
+        if pos.global_step == int(c.debug.get("kill_at_step", -1)):
+          self.ckpt.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
         if pos.step < steps and self.stop_requested(at_log_step=log_now):
           if not log_now:  # flush and check the steps since the last log
             acc = self.log_train(acc, pos, phase, state, time.perf_counter() - t_window,
@@ -897,6 +971,9 @@ class _Runner:
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(summ.items())
                            if "median" in k or "live" in k))
     self.write_outputs(os.path.join(self.workdir, "iterations", f"t{t:02d}"), state, genotype_obj)
+    metrics_lib.write_prior_histograms(self.writer, pos.global_step, prior, switches)
+    metrics_lib.write_picture(self.writer, pos.global_step,
+                              os.path.join(self.workdir, "iterations", f"t{t:02d}", "genotype.png"))
     return state
 
   # ---- genotype / outputs -----------------------------------------------------------------------
@@ -913,22 +990,12 @@ class _Runner:
     if self.space.name != "nb201":
       return None
     from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
-    from bnas_jax import nb201  # pylint: disable=g-import-not-at-top
     prior = jax.device_get(prior)
     alive = {t: np.asarray(a) for t, a in prior.alive.items()}
     scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
     arch = genotype_lib.derive_nb201(self.space, scores, alive)
-    metrics_lib.write_prior_histograms(self.writer, pos.global_step, prior, switches)
-    metrics_lib.write_picture(self.writer, pos.global_step,
-                              os.path.join(self.workdir, "iterations", f"t{t:02d}", "genotype.png"))
     out = {"nb201_arch": arch}
-    if self._nb201_table is None and not self._nb201_warned:
-      try:
-        self._nb201_table = nb201.load_table(self.config.nb201.table, self.config.nb201.dataset)
-      except (FileNotFoundError, ValueError) as e:
-        logging.warning("NAS-Bench-201 table unavailable, searching without look-ups: %s", e)
-        self._nb201_warned = True
-    if self._nb201_table is not None:
+    if self._nb201_table is not None:  # loaded at start-up
       try:
         out["nb201_accuracy"] = self._nb201_table.accuracy(arch)
         logging.info("NAS-Bench-201 %s accuracy of %s: %.2f%%", self._nb201_table.dataset, arch,
@@ -1074,6 +1141,7 @@ class _Runner:
           summary.update(nb)
         with open(os.path.join(self.workdir, "summary.json"), "w") as f:
           json.dump(summary, f, indent=2, default=_json_default)
+        metrics_lib.write_hparams(self.writer, global_step, self.config, summary)
       logging.info("search finished: genotype %s, val accuracy %s", genotype_obj, self.val_accuracy)
     return SearchResult(completed=completed, genotype=genotype_obj, gamma=gamma, alive=alive,
                         val_accuracy=self.val_accuracy, history=list(self.history),
@@ -1095,7 +1163,6 @@ def _abstract(x):
   return x
 
 
-        metrics_lib.write_hparams(self.writer, global_step, self.config, summary)
 def _compile(name: str, fn, args) -> None:
   t0 = time.perf_counter()
   try:
@@ -1192,9 +1259,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
   Raises:
     NonFiniteError: a non-finite loss/gradient/prior state (the last good checkpoint is kept).
     ValueError: a bad config value (`errors.ConfigError`, named, before `workdir` is created),
-      e.g. a batch size that is not a positive multiple of the device count.
+      e.g. a batch size that is not a positive multiple of the device count; missing or
+      unreadable data (`input_pipeline.DatasetError`) or a named NAS-Bench-201 table that does
+      not load (`check_inputs`), also before `workdir` is created.
   """
   check_config(config)
+  check_inputs(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

@@ -349,3 +349,77 @@ def test_supernet_ggn_and_hessian(supernet_problem):
     e[i] = eps
     fd = (f(s + e) - 2 * f(s) + f(s - e)) / eps ** 2
     np.testing.assert_allclose(h[i], fd, rtol=1e-3, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# One curvature: with batch-norm statistics held fixed (the runner's `search.curvature_apply`),
+# every kind estimates the same diagonal, per switch, on real tiny supernets. Origin switches in
+# front of BN-first ops are included (with train-mode statistics they are scale-invariant there,
+# and the exact kinds gave ~0 where the per-example kinds gave O(1)).
+# --------------------------------------------------------------------------------------------------
+
+def _supernet_case(space, num_cells, seed):
+  from bnas_jax import search  # pylint: disable=g-import-not-at-top
+  from bnas_jax.models import supernet as supernet_lib  # pylint: disable=g-import-not-at-top
+  model = supernet_lib.create_supernet(space, init_channels=4, num_cells=num_cells,
+                                       num_classes=C, dw_impl="shift")
+  kx, ky, ki, ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  with jax.enable_x64(False):
+    switches = supernet_lib.init_switches(space, num_cells)
+    images = jax.random.normal(kx, (4, 8, 8, 3))
+    variables = supernet_lib.init_variables(model, ki, images, switches)
+  to64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+  switches = jax.tree_util.tree_map(
+      lambda s: s * jax.random.uniform(ks, s.shape, jnp.float64, 0.5, 1.5), to64(switches))
+  batch = {"image": to64(images), "label": jax.random.randint(ky, (4,), 0, C)}
+  return functools.partial(search.curvature_apply, model), switches, to64(dict(variables)), batch
+
+
+@pytest.fixture(scope="module", params=[("nb201", 1), ("bayesnas", 3)], ids=["nb201", "bayesnas"])
+def frozen_supernet(request, x64):
+  return _supernet_case(*request.param, seed=3)
+
+
+def _mean_and_stderr(samples):
+  samples = np.asarray(samples)
+  return samples.mean(axis=0), samples.std(axis=0, ddof=1) / np.sqrt(samples.shape[0])
+
+
+def test_all_kinds_agree_per_switch_with_fixed_batch_stats(frozen_supernet):
+  apply_fn, switches, variables, batch = frozen_supernet
+  ggn = flat(run("ggn", frozen_supernet))
+  assert (ggn >= 0).all()
+  # Origin switches (index 0 of the last axis) feed BN-first ops in bayesnas and ReLU-conv-BN ops
+  # in nb201: with the statistics held fixed their curvature is not zero.
+  origin = flat(jax.tree_util.tree_map(lambda s: jnp.zeros_like(s).at[..., 0].set(1), switches))
+  assert (ggn[origin == 1] > 1e-8 * ggn.max()).mean() > 0.9, ggn[origin == 1]
+  # Exact kinds: per switch to 1e-6 relative (the loss is piecewise linear in each switch once
+  # the statistics are fixed, so the Hessian diagonal equals the GGN diagonal).
+  tol = dict(rtol=1e-6, atol=1e-9 * ggn.max())
+  np.testing.assert_allclose(flat(run("ggn_fast", frozen_supernet)), ggn, **tol)
+  np.testing.assert_allclose(flat(run("hessian", frozen_supernet, chunk_size=None)), ggn, **tol)
+  if switches["normal"].size < 100:  # jacrev of every logit: the small case only (compile time)
+    np.testing.assert_allclose(explicit_ggn_diag(frozen_supernet), ggn, **tol)
+  # Estimators: within 5 standard errors per switch (independent draws).
+  fisher_fn = curvature.make_curvature_fn("fisher", apply_fn, num_samples=8)
+  fisher = [flat(fisher_fn(switches, variables, batch, jax.random.PRNGKey(k))) for k in range(24)]
+  mean, se = _mean_and_stderr(fisher)
+  assert (np.abs(mean - ggn) <= 5 * se + 1e-9 * ggn.max()).all(), np.max(np.abs(mean - ggn) / se)
+  hut = jax.jit(lambda k: jax.vmap(flat_tree)(curvature.hutchinson_samples(
+      apply_fn, switches, variables, batch, k, num_probes=256, chunk_size=64)))
+  mean, se = _mean_and_stderr(hut(jax.random.PRNGKey(1)))
+  assert (np.abs(mean - ggn) <= 5 * se + 1e-9 * ggn.max()).all(), np.max(np.abs(mean - ggn) / se)
+
+
+def test_train_mode_batch_stats_make_kinds_disagree():
+  """Without holding the statistics fixed the per-example GGN is not the exact one (why the
+  runner's curvature fixes them): a control for the test above."""
+  apply_fn, switches, variables, batch = _supernet_case("nb201", 1, seed=3)
+  model = apply_fn.args[0]
+
+  def train_mode(variables, switches, images):
+    logits, _ = model.apply(variables, images, switches, train=True, mutable=["batch_stats"])
+    return logits
+
+  problem = (train_mode, switches, variables, batch)
+  assert not np.allclose(flat(run("ggn_fast", problem)), flat(run("ggn", problem)), rtol=1e-3)

@@ -271,6 +271,7 @@ class Cell(nn.Module):
     check_loop_options(self.edge_loop, self.pruned_ops)
     c, n_in = self.channels, topo.num_inputs
     b, h, w, _ = inputs[-1].shape
+    dtype = jnp.result_type(*inputs)
     if topo.reduction:
       h, w = (h + 1) // 2, (w + 1) // 2
     update_stats = train and not init and self.is_mutable_collection("batch_stats")
@@ -279,13 +280,13 @@ class Cell(nn.Module):
       phases = [("edges_in", [i for i in order if topo.edges[i].source < n_in], 2),
                 ("edges", [i for i in order if topo.edges[i].source >= n_in], 1)]
       base = n_in  # the buffer holds the intermediate nodes only; input edges read `xin`
-      buf = jnp.zeros((topo.num_nodes, b, h, w, c), jnp.float32)
+      buf = jnp.zeros((topo.num_nodes, b, h, w, c), dtype)
       xin = jnp.stack(inputs)
     else:
       phases = [("edges", order, 1)]
       base = 0
       buf = jnp.concatenate([jnp.stack(inputs),
-                             jnp.zeros((topo.num_nodes, b, h, w, c), jnp.float32)])
+                             jnp.zeros((topo.num_nodes, b, h, w, c), dtype)])
       xin = None
     # Dense convs in a loop body are slow on XLA:CPU; im2col matrix products are not (layers.conv).
     conv_impl = "im2col" if self.edge_loop == "scan" and self.dw_impl != "lax" else "lax"
@@ -456,7 +457,7 @@ class Supernet(nn.Module):
       x = s1
       if sp.name == "bayesnas":
         x = nn.relu(ops_lib.BatchNorm(True, name="head_bn")(x, train=train))
-    x = jnp.mean(x, axis=(1, 2))
+    x = layers.global_avg_pool(x)
     return nn.Dense(self.num_classes, kernel_init=layers.torch_uniform(x.shape[-1]),
                     bias_init=layers.torch_uniform(x.shape[-1]), name="classifier")(x)
 
