@@ -255,6 +255,64 @@ def find_layout(name: str, data_dir: str) -> tuple[str, str]:
       f'directly in it). Point config.data.data_dir at the layout folder or its parent.')
 
 
+def _open_check(path: str, what: str, folder: bool = False) -> None:
+  """Opens `path`: lists it if `folder`, else reads a byte of it (a folder there cannot be read).
+
+  Raises:
+    DatasetNotFoundError / DatasetError: `path` is missing / cannot be read; the message starts
+      with `what` and names config.data.data_dir as the fix.
+  """
+  try:
+    if folder:
+      os.listdir(path)
+    else:
+      with open(path, 'rb') as f:
+        f.read(1)
+  except FileNotFoundError:
+    raise DatasetNotFoundError(f'{what} {path!r} does not exist; point config.data.data_dir at '
+                               'the data.') from None
+  except OSError as e:
+    raise DatasetError(f'{what} {path!r} cannot be read ({e.strerror or type(e).__name__}); fix '
+                       'its permissions or point config.data.data_dir at readable data.') from None
+
+
+def check_data(data_cfg: ml_collections.ConfigDict | Mapping) -> str:
+  """Checks, without reading the records, that the data ``config.data`` names is there.
+
+  Source ``'local'``: the layout folder is located (`find_layout`; ``data_dir`` None means
+  `default_data_dir`) and every file `load_local` reads is opened. Other sources: ``data_dir``,
+  when set, is opened (a file is read from, a folder listed); unset, the loader decides.
+
+  Returns:
+    The path checked (the layout folder for ``'local'``), or ``''`` when nothing was named.
+
+  Raises:
+    DatasetNotFoundError: a missing folder or file. DatasetError: an unreadable one, or an
+      unknown ``name`` of source ``'local'``. One line naming config.data.data_dir and the fix.
+  """
+  get = data_cfg.get
+  data_dir = get('data_dir', None)
+  if get('source', 'local') != 'local':
+    if not data_dir:
+      return ''
+    path = os.path.expanduser(data_dir)
+    _open_check(path, 'config.data.data_dir:', folder=os.path.isdir(path))
+    return path
+  name = get('name', 'cifar10')
+  kind, folder = find_layout(name, data_dir if data_dir is not None else default_data_dir())
+  _open_check(folder, f'{name} data folder', folder=True)
+  train_pattern, test_name = _layout_files(name, kind)
+  if name == 'cifar10':  # data_batch_1, data_batch_2, ... (consecutive, at least one).
+    train = [os.path.join(folder, train_pattern.format(1))]
+    while os.path.exists(os.path.join(folder, train_pattern.format(len(train) + 1))):
+      train.append(os.path.join(folder, train_pattern.format(len(train) + 1)))
+  else:
+    train = [os.path.join(folder, train_pattern)]
+  for path in train + [os.path.join(folder, test_name)]:
+    _open_check(path, f'{name} data file')
+  return folder
+
+
 def _read_bin(path: str, num_classes: int, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
   """Reads one binary file: records of ``label_bytes`` label bytes + 3,072 pixel bytes."""
   record = label_bytes + _PIXELS

@@ -123,9 +123,12 @@ def main(argv):
     jax.distributed.initialize()  # cluster detection from the environment (SLURM, TPU pods, ...)
 
   metrics_lib.quiet_library_logs()
-  try:  # bad values are named before anything is logged or created
+  try:  # bad values, missing files and data are named before anything is logged or created
     runner = get_runner(config.mode)
-    importlib.import_module(RUNNERS[config.mode]).check_config(config)
+    module = importlib.import_module(RUNNERS[config.mode])
+    module.check_config(config)
+    if hasattr(module, "check_inputs"):  # opens every path the config names
+      module.check_inputs(config)
   except (ValueError, errors.ConfigError) as e:
     _exit_with_error(e)
 

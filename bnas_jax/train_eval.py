@@ -574,6 +574,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     create_model(config, num_classes=None)  # genotype, prev_reduce, drop_mode, dataset
   except ValueError as e:
     raise errors.ConfigError(f"config.genotype / config.model: {e}") from None
+  except OSError as e:  # a genotype JSON file that exists but cannot be read
+    raise errors.ConfigError(
+        f"config.genotype={config.genotype!r} cannot be read ({e.strerror or e}); pass a readable "
+        "genotype JSON file or a registered genotype name") from None
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Opens the data `config` names (`input_pipeline.check_data`); run before the workdir is
+  created. The genotype file is read by `check_config`.
+
+  Raises:
+    input_pipeline.DatasetError: missing or unreadable data (naming config.data.data_dir).
+  """
+  input_pipeline.check_data(config.data)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -590,9 +604,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Raises:
     NonFiniteError: the loss became non-finite.
-    ValueError / input_pipeline.DatasetError: bad config values or missing data (named).
+    ValueError / input_pipeline.DatasetError: bad config values or missing data (named, before
+      `workdir` is created).
   """
   check_config(config)
+  check_inputs(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

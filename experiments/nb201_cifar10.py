@@ -4,8 +4,10 @@ The NB201 supernet: 3 stages of ``num_cells`` cells (C = 16, 32, 64) joined by r
 blocks; one searched cell type with 6 edges, 4 ops + an origin switch per edge (the origin switch
 plays NB201's ``none``). After every outer iteration the run logs the arch string (best alive op
 per edge by gamma, ``none`` where the edge is pruned) and its NAS-Bench-201 validation accuracy
-(``cifar10-valid`` protocol) from ``config.nb201.table`` (default: the NASLib zip in
-``/work/shared/nb201``; a missing table only disables the look-up, with one warning).
+(``cifar10-valid`` protocol) from ``config.nb201.table`` (or ``$BNAS_NB201_TABLE``). A named
+table that is missing or unreadable stops the run at start-up; unnamed, the NASLib zip of the
+shared folder is used (`bnas_jax.nb201.default_table_path`), and when it is absent the look-ups are
+off, said once at start-up.
 
 Protocol: the BayesNAS optimiser settings (lr 0.1, momentum 0.9, wd 1e-4 for the weights, lr 0.1
 for the switches, lambda 0.01) with batch 64, 1 warm-up epoch on 5k images, T = 3 iterations of one
