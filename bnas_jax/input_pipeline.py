@@ -543,7 +543,7 @@ def load_tfds(name: str, data_dir: str | None = None, *, num_train: int = 50_000
       raise DatasetError(f'TFDS {name} {split}: expected images {IMAGE_SHAPE}, got {images.shape[1:]}.')
     arrays[split] = (images, labels)
   if num_classes is None:
-    num_classes = int(max(arrays['train'][1].max(initial=-1), arrays['test'][1].max(initial=-1))) + 1
+    num_classes = int(max(arrays[k][1].max(initial=-1) for k in ('train', 'test'))) + 1
   for split, (_, labels) in arrays.items():
     _check_labels(labels, num_classes, f'tfds:{name}/{split}')
   if name in _DATASETS:

@@ -226,3 +226,13 @@ def test_empty_cell_genotype_is_refused_with_a_clear_error():
                                 reduce=(), reduce_concat=())
   with pytest.raises(ValueError, match="reduce cell of this darts genotype is empty"):
     eval_net.create_eval_net(empty)
+
+
+def test_count_docstring_gives_the_computed_figure_beside_the_published_one():
+  model = eval_net.create_eval_net("darts_v2", dataset="imagenet")
+  c = count_lib.count(model)
+  computed = f"{c['multiply_adds'] / 1e6:.1f} M"
+  assert computed == "529.9 M" and round(c["params"] / 1e6, 2) == 4.72
+  published = count_lib.PUBLISHED[("darts_v2", "imagenet")]
+  assert published[:2] == (574e6, 4.7e6)
+  assert computed in count_lib.__doc__ and "574 M" in count_lib.__doc__

@@ -30,7 +30,7 @@ Calling convention::
   logits, aux = model.apply(variables, images, train=True, drop_prob=0.1,
                             rngs={'dropout': key}, mutable=['batch_stats'])[0]
 
-``images`` are ``f32[B, H, W, 3]`` (NHWC); ``logits`` ``f32[B, num_classes]``; ``aux`` is the auxiliary
+``images`` are ``f32[B, H, W, C]`` (NHWC); ``logits`` ``f32[B, num_classes]``; ``aux`` is the auxiliary
 head's ``f32[B, num_classes]`` in train mode and ``None`` in eval mode (or without an aux head).
 Eval mode (``train=False``) uses BN running statistics and no dropout/drop path: it is deterministic.
 """
@@ -340,8 +340,9 @@ class EvalNetwork(nn.Module):
       (logits f32[B, num_classes], aux_logits f32[B, num_classes] or None); aux_logits is only
       computed in train mode.
     """
-    if images.ndim != 4:
-      raise ValueError(f"images must be f32[B, H, W, C] (NHWC), got shape {images.shape}")
+    if images.ndim != 4 or images.shape[1] % 4 or images.shape[2] % 4:
+      raise ValueError(f"images must be f32[B, H, W, C] (NHWC) with H and W divisible by 4 (two "
+                       f"reductions), got shape {images.shape}")
     family = self.family
     drop_mode = self.drop_mode or ("path" if family == "darts" else "channel")
     c = self.init_channels
