@@ -71,6 +71,9 @@ class HardPriorState(NamedTuple):
   curvature: dict[str, Array]  # {tau: f32[n, E, K]} H = max(h, 0) / lambda_k (kept for logging)
   alive: dict[str, Array]  # {tau: bool[E, K]} group mask; only ever shrinks
   count: Array  # i32[] number of `update` calls so far
+  # {tau: f32[E, K]} group gamma of the last update *before* pruning (equal to the group gamma
+  # of live groups; a group keeps the score it had when it died). Ranks an all-pruned cell.
+  score: dict[str, Array]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def init(switches: Switches, *, key: Array | None = None, random_init: bool = Fa
     _check_like(alive, switches, "alive", group_level=True)
   taus = sorted(switches)
   keys = dict(zip(taus, jax.random.split(key, len(taus)))) if random_init else {}
-  gamma, omega, post, curv, mask = {}, {}, {}, {}, {}
+  gamma, omega, post, curv, mask, score = {}, {}, {}, {}, {}, {}
   for tau in taus:
     shape, dtype = jnp.shape(switches[tau]), _float_dtype(switches[tau])
     if random_init:
@@ -167,8 +170,9 @@ def init(switches: Switches, *, key: Array | None = None, random_init: bool = Fa
     g = jnp.where(m[None], g, 0.0)
     gamma[tau], omega[tau], post[tau] = g, w, g
     curv[tau], mask[tau] = jnp.zeros(shape, dtype), m
+    score[tau] = jnp.mean(g, axis=0)
   return HardPriorState(gamma=gamma, omega=omega, posterior_variance=post, curvature=curv,
-                        alive=mask, count=jnp.zeros((), jnp.int32))
+                        alive=mask, count=jnp.zeros((), jnp.int32), score=score)
 
 
 def series_variance(a: Array, b: Array) -> Array:
@@ -215,9 +219,10 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
   5. origin first: ``gamma_origin = gamma_raw[e, 0]`` (0 if the origin is dead); then each op
      ``gamma = series_variance(gamma_raw[e, k], gamma_origin[e])``;
   6. pruning: a live group dies when ``gamma < prune_threshold`` ('absolute') or
-     ``gamma < prune_threshold * max(live gamma of the same kind in this cell type)`` ('relative';
-     origin switches against the largest live origin gamma, op switches against the largest live
-     op gamma, since the two kinds have their own lambda and scale). A dead origin
+     ``gamma < prune_threshold * median(live gamma of the same kind in this cell type)``
+     ('relative'; origin switches against the median live origin gamma, op switches against the
+     median live op gamma, since the two kinds have their own lambda and scale; a median, not a
+     maximum, so that one outlying group cannot prune the rest of the cell). A dead origin
      kills every op of its edge; an origin whose ops are all dead is dead too (its edge carries
      nothing).
      Dead groups never come back and get ``gamma = 0`` exactly;
@@ -235,7 +240,7 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
     lambda_origin: regularisation strength of origin switches (> 0), spec 3.4.
     lambda_op: regularisation strength of op switches (> 0), spec 3.4 (``lambda_child``).
     prune_threshold: threshold on gamma (>= 0); 0 disables pruning (gamma is never negative).
-    prune_mode: 'absolute' or 'relative' (threshold relative to the largest live gamma of the same
+    prune_mode: 'absolute' or 'relative' (threshold relative to the median live gamma of the same
       switch kind, origin or op, in the cell type).
     eps_omega: lower clamp of omega (> 0); keeps gamma_raw finite when H = 0.
     fidelity: reproduce the original's gamma* quirk in step 3 (see module docstring).
@@ -270,7 +275,7 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
         raise ValueError(f"cells[{tau!r}] has {len(cells[tau].edges)} edges but switches[{tau!r}] "
                          f"has {jnp.shape(s)[1]} (shape {jnp.shape(s)}); wrong search space?")
 
-  gamma, omega, post, curv, alive = {}, {}, {}, {}, {}
+  gamma, omega, post, curv, alive, score = {}, {}, {}, {}, {}, {}
   for tau in sorted(switches):
     s = jnp.asarray(switches[tau])
     dtype = _float_dtype(s)
@@ -295,23 +300,27 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
       thr = jnp.asarray(prune_threshold, dtype)
     else:
       # Per switch kind: origin and op gammas live on different scales (own lambda, and an op's
-      # gamma is capped by its origin's through the hierarchy).
-      live_g = jnp.where(alive_prev, g_new, 0.0)
-      kind_max = jnp.concatenate([jnp.max(live_g[:, :1], keepdims=True),
-                                  jnp.broadcast_to(jnp.max(live_g[:, 1:], keepdims=True),
+      # gamma is capped by its origin's through the hierarchy). The reference is the kind's
+      # median live gamma, so that no single group (e.g. one with H ~ 0, hence a huge gamma) can
+      # raise the threshold above every other group of the cell.
+      live_g = jnp.where(alive_prev, g_new, jnp.nan)
+      kind_ref = jnp.concatenate([jnp.nanmedian(live_g[:, :1])[None, None],
+                                  jnp.broadcast_to(jnp.nanmedian(live_g[:, 1:]),
                                                    (1, live_g.shape[1] - 1))], axis=1)
-      thr = prune_threshold * kind_max  # [1, K]
+      thr = prune_threshold * kind_ref  # [1, K]; NaN (nothing live) prunes nothing
     a = alive_prev & ~(g_new < thr)
     origin_alive = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
     if cells is not None:
       origin_alive = connected_edges(cells[tau], origin_alive)
     a = jnp.concatenate([origin_alive[:, None], a[:, 1:] & origin_alive[:, None]], axis=1)
 
+    score[tau] = jnp.where(alive_prev, g_new, jnp.asarray(state.score[tau], dtype))
     g_new = jnp.where(a, g_new, 0.0)
     gamma[tau] = jnp.broadcast_to(g_new[None], (n, *g_new.shape))
     omega[tau], post[tau], curv[tau], alive[tau] = w, c, hc, a
   return HardPriorState(gamma=gamma, omega=omega, posterior_variance=post, curvature=curv,
-                        alive=alive, count=state.count + 1)
+                        alive=alive, count=state.count + 1, score=score)
+
 
 
 def connected_edges(topology: Any, edge_alive: Array) -> Array:
@@ -512,6 +521,40 @@ def _masked_stats(x: Array, mask: Array) -> tuple[Array, Array, Array]:
   x = jnp.where(mask, x, jnp.nan)
   any_live = jnp.any(mask)
   return tuple(jnp.where(any_live, f(x), 0.0) for f in (jnp.nanmin, jnp.nanmedian, jnp.nanmax))
+
+
+def calibration(gamma_prev: Mapping[str, Array], state: HardPriorState) -> dict[str, Array]:
+  """Where the Laplace step of the last `update` sat, per cell type and switch kind (spec 6.4).
+
+  ``x = gamma_prev * H`` compares the scaled curvature ``H = h / lambda`` with the prior precision
+  ``1 / gamma`` of the same switch. For ``x << 1``, ``omega^2 = sum_c H_c / (1 + x_c)`` tends to
+  ``sum_c H_c`` and the curvature decides; for ``x >> 1`` it tends to ``sum_c 1 / gamma_c`` and
+  gamma follows the switch size alone (``||S_g|| / sqrt(n)`` at a fixed point).
+
+  Args:
+    gamma_prev: ``{tau: f32[n, E, K]}`` the prior variances the update started from (the
+      previous state's ``gamma``).
+    state: the state `update` returned (its ``curvature`` is H).
+
+  Returns:
+    ``'{tau}/{origin|op}/gammaH_{q10|q50|q90}'``, ``'.../H_median'`` and ``'.../inv_gamma_median'``
+    over the switches whose gamma_prev was > 0 (0 where there are none).
+  """
+  out = {}
+  for tau in sorted(state.curvature):
+    g, h = jnp.asarray(gamma_prev[tau]), jnp.asarray(state.curvature[tau])
+    for kind, sl in (("origin", slice(0, 1)), ("op", slice(1, None))):
+      gk, hk = g[..., sl], h[..., sl]
+      live = gk > 0
+      x = jnp.where(live, gk * hk, jnp.nan)
+      inv = jnp.where(live, 1.0 / jnp.where(live, gk, 1.0), jnp.nan)
+      stats = {f"gammaH_q{int(q * 100)}": jnp.nanquantile(x, q) for q in (0.1, 0.5, 0.9)}
+      stats["H_median"] = jnp.nanmedian(jnp.where(live, hk, jnp.nan))
+      stats["inv_gamma_median"] = jnp.nanmedian(inv)
+      any_live = jnp.any(live)
+      for name, v in stats.items():
+        out[f"{tau}/{kind}/{name}"] = jnp.where(any_live, v, 0.0)
+  return out
 
 
 def summaries(state: HardPriorState) -> dict[str, Array]:

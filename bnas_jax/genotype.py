@@ -414,9 +414,12 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
   lists only surviving intermediate nodes.
 
   Empty cell policy (nothing survives in a cell):
-  * with `scores`, the cell falls back to the single best-scored op per intermediate node, taken
-    in node order among edges whose source is an input or an already kept node (so the cell is
-    connected and buildable); a warning is logged;
+  * with `scores` (the search passes the group gammas before pruning, `bayes.HardPriorState.score`),
+    the cell falls back to the single best-scored op per intermediate node, taken in node order
+    among edges whose source is an input or an already kept node (so the cell is connected and
+    buildable); a warning is logged. Scores that do not rank the ops (all equal, e.g. the gammas
+    *after* pruning, which are 0 for every dead group) raise a ValueError instead of returning an
+    arbitrary cell;
   * without `scores`, the cell stays empty (concat ``()``), a warning is logged, and
     `Genotype.check_buildable` (to be called by network builders) raises a clear error for
     bayesnas/darts. For nb201 an empty cell is the valid all-``none`` architecture.
@@ -437,8 +440,8 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
     A `Genotype` whose cells are connected.
 
   Raises:
-    ValueError: a missing cell type, a wrongly shaped array, a negative `max_ops`, or `max_ops`
-      without `scores`.
+    ValueError: a missing cell type, a wrongly shaped array, a negative `max_ops`, `max_ops`
+      without `scores`, or an all-pruned cell whose scores do not rank its ops.
   """
   space = _space(space)
   alive = _check_group(space, alive, "alive", bool)
@@ -461,6 +464,14 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
     triples, concat = prune_disconnected(space, cell_type, triples)
     if not concat:
       if scores is not None:
+        op_scores = scores[cell_type][:, 1:]
+        finite = op_scores[np.isfinite(op_scores)]
+        if finite.size == 0 or np.all(finite == finite[0]):
+          raise ValueError(
+              f"every op of the {cell_type} cell of {space.name} was pruned and the scores do not "
+              f"rank its ops (all equal or non-finite), so no cell can be derived; pass the "
+              f"gammas before pruning (HardPriorState.score) or prune less (a lower "
+              f"bayes.prune_threshold or a larger lambda)")
         logging.warning("derive: every op of the %s cell of %s was pruned; falling back to the "
                         "best-scored op per node", cell_type, space.name)
         triples, concat = prune_disconnected(space, cell_type,

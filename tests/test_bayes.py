@@ -257,19 +257,49 @@ def test_alive_only_shrinks_and_dead_stay_dead():
 def test_relative_pruning():
   # n = 1, H = 0 -> omega = eps_omega for all; gamma_raw = |s| / eps. Origins 4 and 1 (edges 0, 1).
   # Ops (series with their origin): edge 0: raw 4 -> 2, raw 0.5 -> 4*0.5/4.5 = 0.444; edge 1: raw 1
-  # with origin 1 -> 0.5 and 0.5. The threshold is relative per switch kind: origins against the
-  # largest origin (4), ops against the largest op (2).
+  # with origin 1 -> 0.5 and 0.5. The threshold is relative per switch kind, to its median live
+  # gamma: origins against median(4, 1) = 2.5, ops against median(2, 0.444, 0.5, 0.5) = 0.5.
   s = np.array([[[4.0, 4.0, 0.5], [1.0, 1.0, 1.0]]])
   st = _upd(bayes.init(_sw(s)), _sw(s), _sw(np.zeros_like(s)), eps_omega=1.0,
-            prune_threshold=0.3, prune_mode="relative")
-  # Origin threshold 1.2: edge 1's origin (1.0) dies and takes its ops along. Op threshold 0.6:
+            prune_threshold=1.0, prune_mode="relative")
+  # Origin threshold 2.5: edge 1's origin (1.0) dies and takes its ops along. Op threshold 0.5:
   # edge 0 keeps op 1 (2.0) and loses op 2 (0.444).
   np.testing.assert_array_equal(st.alive["normal"], [[True, True, False], [False, False, False]])
-  # At 0.2 (origin threshold 0.8, op threshold 0.4) everything survives; a threshold relative to
-  # the overall max (4 -> 0.8) would have killed every op of edge 1 and op 2 of edge 0.
+  # At 0.3 (origin threshold 0.75, op threshold 0.15) everything survives.
   st = _upd(bayes.init(_sw(s)), _sw(s), _sw(np.zeros_like(s)), eps_omega=1.0,
-            prune_threshold=0.2, prune_mode="relative")
+            prune_threshold=0.3, prune_mode="relative")
   np.testing.assert_array_equal(st.alive["normal"], np.ones((2, 3), bool))
+
+
+def test_relative_pruning_survives_one_outlying_group():
+  # A bayesnas-shaped cell where one origin has zero curvature (a scale-invariant branch): its
+  # omega sits at the floor and its gamma is ~1e5 times the others'. Against the maximum it would
+  # set a threshold that prunes every other edge of the cell; against the median nothing else dies.
+  rng = np.random.default_rng(0)
+  n, e, k = 6, 8, 8
+  s = rng.uniform(0.5, 1.5, (n, e, k))
+  h = rng.uniform(0.5, 1.5, (n, e, k))
+  h[:, 3, 0] = 0.0
+  st = _upd(bayes.init(_sw(s)), _sw(s), _sw(h), lambda_origin=0.01, lambda_op=0.01,
+            prune_threshold=1e-3, prune_mode="relative")
+  g = np.asarray(bayes.group_gamma(st)["normal"])
+  assert g[3, 0] > 1e4 * np.median(g[:, 0])  # the outlier is there
+  assert np.asarray(st.alive["normal"]).all()  # and prunes nothing
+  # The same case under the old rule (threshold relative to the largest gamma) wiped the cell.
+  assert (g[:, 0] < 1e-3 * g[:, 0].max()).sum() == e - 1
+
+
+def test_score_keeps_the_gamma_before_pruning():
+  s = np.array([[[4.0, 4.0, 0.5], [1.0, 1.0, 1.0]]])
+  st = _upd(bayes.init(_sw(s)), _sw(s), _sw(np.zeros_like(s)), eps_omega=1.0,
+            prune_threshold=1.0, prune_mode="relative")
+  score, alive = np.asarray(st.score["normal"]), np.asarray(st.alive["normal"])
+  np.testing.assert_allclose(score, [[4.0, 2.0, 4 * 0.5 / 4.5], [1.0, 0.5, 0.5]], rtol=1e-6)
+  np.testing.assert_allclose(score[alive], np.asarray(bayes.group_gamma(st)["normal"])[alive])
+  # Dead groups keep the score they died with; live ones follow their gamma.
+  st2 = _upd(st, _sw(2 * s), _sw(np.zeros_like(s)), eps_omega=1.0, prune_threshold=0.0)
+  np.testing.assert_allclose(np.asarray(st2.score["normal"])[~alive], score[~alive])
+  np.testing.assert_allclose(np.asarray(st2.score["normal"])[alive], 2 * score[alive], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,8 +499,10 @@ def _np_reference_update(gamma, s, h, alive, lam, thr, relative, eps_omega=bayes
   with np.errstate(divide="ignore"):
     g[:, 1:] = np.where(g[:, :1] > 0, 1.0 / (1.0 / raw[:, 1:] + 1.0 / g[:, :1]), 0.0)
   g = np.where(alive, g, 0.0)
-  if relative:  # per switch kind: origins against the largest origin, ops against the largest op
-    cut = thr * np.concatenate([[g[:, 0].max()], np.full(g.shape[1] - 1, g[:, 1:].max())])
+  if relative:  # per switch kind: against the median live origin / the median live op gamma
+    med = lambda x, m: np.median(x[m])
+    cut = thr * np.concatenate([[med(g[:, 0], alive[:, 0])],
+                                np.full(g.shape[1] - 1, med(g[:, 1:], alive[:, 1:]))])
   else:
     cut = thr
   a = alive & ~(g < cut)
@@ -494,7 +526,7 @@ def test_update_matches_numpy_reference_on_bayesnas_shapes():
                      alive={t: jnp.asarray(a) for t, a in alive0.items()})
   lam = np.array([0.01] + [0.007] * len(space.ops))
   f32 = lambda tree: {t: jnp.asarray(v, jnp.float32) for t, v in tree.items()}
-  for mode, thr in (("absolute", 0.2), ("relative", 0.25)):
+  for mode, thr in (("absolute", 0.2), ("relative", 0.5)):
     got = _upd(st0, f32(s), f32(h), lambda_origin=0.01, lambda_op=0.007, prune_threshold=thr,
                prune_mode=mode)
     assert _all_finite(got)
@@ -608,3 +640,26 @@ def test_update_rejects_cells_of_another_space():
   with pytest.raises(ValueError, match="edges"):
     bayes.update(bayes.init(s), s, s, lambda_origin=1.0, lambda_op=1.0, prune_threshold=0.0,
                  cells=spaces.get_space("bayesnas").cells)
+
+
+def test_calibration_quantiles_of_gamma_times_h():
+  rng = np.random.default_rng(4)
+  s = rng.uniform(0.5, 1.5, (3, 4, 5))
+  gamma_prev = rng.uniform(0.1, 2.0, (3, 4, 5))
+  gamma_prev[:, 1, :] = 0.0  # a dead edge: left out of the statistics
+  h = rng.uniform(0.0, 3.0, (3, 4, 5))
+  alive = np.ones((4, 5), bool)
+  alive[1] = False
+  st0 = _with_gamma(bayes.init(_sw(s), alive={"normal": alive}), {"normal": gamma_prev})
+  st = _upd(st0, _sw(s), _sw(h), lambda_origin=0.5, lambda_op=0.25)
+  got = {k: float(v) for k, v in bayes.calibration({"normal": gamma_prev}, st).items()}
+  for kind, sl, lam in (("origin", slice(0, 1), 0.5), ("op", slice(1, None), 0.25)):
+    g, big_h = gamma_prev[..., sl], h[..., sl] / lam
+    live = g > 0
+    x = (g * big_h)[live]
+    for q in (10, 50, 90):
+      np.testing.assert_allclose(got[f"normal/{kind}/gammaH_q{q}"], np.quantile(x, q / 100),
+                                 rtol=1e-5)
+    np.testing.assert_allclose(got[f"normal/{kind}/H_median"], np.median(big_h[live]), rtol=1e-5)
+    np.testing.assert_allclose(got[f"normal/{kind}/inv_gamma_median"], np.median(1 / g[live]),
+                               rtol=1e-5)

@@ -387,6 +387,39 @@ def test_derive_random_patterns_match_reference(space_name):
       g.check_buildable()
 
 
+def test_all_pruned_cell_is_ranked_by_the_gammas_before_pruning():
+  """An update that prunes every op of a cell: the fallback ranks the ops by the state's `score`
+  (gammas before pruning), and the gammas after pruning (all 0) are refused, not used to return
+  the first op of every node."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bnas_jax import bayes  # pylint: disable=g-import-not-at-top
+  space = spaces.get_space("bayesnas")
+  rng = np.random.default_rng(5)
+  shapes = space.switch_shapes({"normal": 2, "reduce": 1})
+  s = {t: jnp.asarray(rng.uniform(0.5, 1.5, sh), jnp.float32) for t, sh in shapes.items()}
+  h = {t: jnp.ones(sh, jnp.float32) for t, sh in shapes.items()}
+  st = bayes.update(bayes.init(s), s, h, lambda_origin=1.0, lambda_op=1.0, prune_threshold=1e3,
+                    prune_mode="absolute", cells=space.cells)
+  assert not any(np.asarray(a).any() for a in st.alive.values())  # everything pruned
+  alive = {t: np.asarray(a) for t, a in st.alive.items()}
+  score = {t: np.asarray(v) for t, v in st.score.items()}
+  g = G.derive(space, alive, score)
+  for cell_type, topo in space.cells.items():
+    for node, source, op in g.cell(cell_type):
+      # The kept op is the best-scored one among the edges into its node from live sources.
+      e = next(i for i, ed in enumerate(topo.edges) if ed.target == node and ed.source == source)
+      best = max(score[cell_type][i, 1 + k] for i in topo.edges_into(node)
+                 for k in range(len(space.ops))
+                 if topo.edges[i].source < topo.num_inputs or any(
+                     n == topo.edges[i].source for n, _, _ in g.cell(cell_type)))
+      assert score[cell_type][e, 1 + space.ops.index(op)] == best
+  g.check_buildable()
+  zeros = {t: np.asarray(bayes.group_gamma(st)[t]) for t in st.gamma}
+  assert all((z == 0).all() for z in zeros.values())
+  with pytest.raises(ValueError, match="do not rank its ops"):
+    G.derive(space, alive, zeros)
+
+
 def test_derive_bad_input():
   space = spaces.get_space("bayesnas")
   with pytest.raises(ValueError, match="lacks cell type 'reduce'"):
