@@ -47,6 +47,13 @@ config_flags.DEFINE_config_file(
     "omitted when resuming: the config stored in --workdir is used.", lock_config=True)
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi-host runs). "
                   "Defaults to config.distributed.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0's coordinator "
+                    "(e.g. 127.0.0.1:12345 for several processes on one machine). Unset: "
+                    "$JAX_COORDINATOR_ADDRESS or the cluster's (SLURM, TPU pods, ...).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (with "
+                     "--coordinator_address). Unset: detected from the cluster.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in "
+                     "[0, --num_processes) (with --coordinator_address). Unset: detected.")
 flags.mark_flags_as_required(["workdir"])
 
 CONFIG_FILE = "config.json"
@@ -103,6 +110,22 @@ def get_runner(mode: str):
   return importlib.import_module(RUNNERS[mode]).run  # lazy: train_eval is optional for a search
 
 
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` with CPU collectives that work across processes.
+
+  Unset arguments are detected from the environment (``$JAX_COORDINATOR_ADDRESS``, SLURM, TPU
+  pods, ...). On CPU the cross-process collectives (gradient all-reduce, checkpoint barriers) need
+  a collectives implementation: 'gloo' is chosen unless one is configured
+  (``--jax_cpu_collectives_implementation``). Call before anything asks JAX for its devices.
+  """
+  if jax.config.values.get("jax_cpu_collectives_implementation") in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -120,7 +143,7 @@ def main(argv):
   if distributed is None:
     distributed = bool(config.get("distributed", False))
   if distributed:  # before anything asks JAX for its devices (the config checks do)
-    jax.distributed.initialize()  # cluster detection from the environment (SLURM, TPU pods, ...)
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
   metrics_lib.quiet_library_logs()
   try:  # bad values, missing files and data are named before anything is logged or created
@@ -148,9 +171,34 @@ def main(argv):
     # The run diverged; the message names the kept checkpoint and the fix. Exit 1: not bad input.
     print(f"bnas_jax.main: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _exit_multihost_failure(e)
   stopped_by = getattr(result, "stopped_by", "")
   if stopped_by:  # checkpointed and stopped by SIGINT / SIGTERM: the shell's 128 + signal code
     sys.exit(128 + int(getattr(signal, stopped_by)))
+
+
+def _exit_multihost_failure(e: Exception) -> None:
+  """Ends this process of a multi-host run whose collective failed: one line, exit status 1.
+
+  Usually another process died. JAX's exit handler would wait for it at a shutdown barrier until
+  the heartbeat timeout and then abort with a native stack trace, so this process exits at once
+  (`os._exit`) once the line and the logs are flushed. The checkpoints on disk are complete
+  (orbax writes them atomically).
+  """
+  first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+  msg = (f"process {jax.process_index()} of {jax.process_count()}: a collective operation with "
+         f"the other processes failed ({first[:300]}); another process has probably stopped. "
+         "Restart every process with the same --workdir: the run resumes from its last "
+         "checkpoint.")
+  logging.error("%s", msg)
+  print(f"bnas_jax.main: error: {msg}", file=sys.stderr)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def _exit_with_error(e: Exception) -> None:
