@@ -49,6 +49,7 @@ Source: spec sections 4.2, 6.4, 10; estimator structure after kfac-jax (``ggn_ex
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -515,7 +516,8 @@ def make_curvature_fn(name: str, apply_fn: ApplyFn, *, jit: bool = True,
 
 def accumulate(diag_fn: Callable[[PyTree, PyTree, Batch, jax.Array | None], PyTree],
                switches: PyTree, variables: PyTree, batches: Iterable[Batch],
-               key: jax.Array | None = None) -> PyTree:
+               key: jax.Array | None = None,
+               progress: Callable[[int, float], None] | None = None) -> PyTree:
   """Mean of ``diag_fn(switches, variables, batch, key_m)`` over M batches.
 
   Convention: each batch contributes the curvature of its own *mean* loss, and the M results get
@@ -527,6 +529,9 @@ def accumulate(diag_fn: Callable[[PyTree, PyTree, Batch, jax.Array | None], PyTr
     switches, variables: as for the estimators (held fixed across batches).
     batches: an iterable of M >= 1 batches.
     key: PRNG key, split per batch (``None`` for deterministic estimators).
+    progress: called as ``progress(batches_done, seconds_since_start)`` once each batch's
+      result is computed (it then waits for the device after every batch), e.g.
+      `bnas_jax.phases.PassProgress`; None: no waiting, no calls.
 
   Returns:
     pytree like `switches`.
@@ -535,11 +540,15 @@ def accumulate(diag_fn: Callable[[PyTree, PyTree, Batch, jax.Array | None], PyTr
     ValueError: if `batches` is empty.
   """
   total, m = None, 0
+  start = time.perf_counter()
   for batch in batches:
     k = None if key is None else jax.random.fold_in(key, m)
     h = diag_fn(switches, variables, batch, k)
     total = h if total is None else jax.tree_util.tree_map(jnp.add, total, h)
     m += 1
+    if progress is not None:
+      jax.block_until_ready(total)
+      progress(m, time.perf_counter() - start)
   if m == 0:
     raise ValueError("accumulate needs at least one batch; `batches` was empty")
   return jax.tree_util.tree_map(lambda x: x / m, total)

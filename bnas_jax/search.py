@@ -70,6 +70,7 @@ from bnas_jax import curvature as curvature_lib
 from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
+from bnas_jax import phases
 from bnas_jax.models import layers
 from bnas_jax.search_space import spaces
 
@@ -583,14 +584,26 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
                          fidelity=bool(config.bayes.fidelity), cells=space.cells)
     return prior, bayes.apply_mask(switches, prior.alive)  # pruned switches exactly 0
 
-  train_step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(replicated, replicated))
+  # Each compilation is logged before it starts (what, and how long it took last time).
+  if key.alive is None:
+    detail = "full supernet"
+  else:
+    live = sum(v for _, rows in key.alive for row in rows for v in row)
+    detail = f"pruned supernet, {live} of {sum(len(row) for _, rows in key.alive for row in rows)}"
+    detail += " op groups live"
+  program = repr((key.config_json, key.num_classes, key.alive))
+  logged = functools.partial(phases.LoggedJit, detail=detail, program=program)
+  train_step = logged(
+      jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(replicated, replicated)),
+      "train step")
   return StepFns(
       train_step=train_step,
       warmup_step=lambda state, acc, batch: train_step(state, acc, batch, False),
       search_step=lambda state, acc, batch: train_step(state, acc, batch, True),
-      eval_step=jax.jit(eval_step, donate_argnums=(1,), out_shardings=replicated),
-      curvature_fn=curvature_fn,
-      prior_update=jax.jit(prior_update, out_shardings=replicated))
+      eval_step=logged(jax.jit(eval_step, donate_argnums=(1,), out_shardings=replicated),
+                       "eval step"),
+      curvature_fn=logged(curvature_fn, f"curvature pass ({config.curvature.kind})"),
+      prior_update=logged(jax.jit(prior_update, out_shardings=replicated), "prior update"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,6 +707,9 @@ class _Runner:
     key = _init_key(int(self.config.seed))
     init = jax.jit(functools.partial(init_state, self.config, self.num_classes, self.switch_shapes,
                                      image_shape=self.dataset.image_shape))
+    init = phases.LoggedJit(init, "state initialisation", program=repr(
+        (_static_key(self.config, self.num_classes, None, self.mesh).config_json,
+         self.switch_shapes, self.dataset.image_shape)))
     return self.replicate(init(key))
 
   def replicate(self, tree):
@@ -913,6 +929,13 @@ class _Runner:
         sharding=self.batch_sharding)
     return itertools.islice(batches, m)
 
+  def curvature_progress(self, iteration: int) -> phases.PassProgress:
+    """Log lines with an ETA (and a bar with ``progress_bar``) over the curvature pass."""
+    c = self.config
+    return phases.PassProgress(
+        int(c.curvature.num_batches), f"curvature pass t={iteration}/{c.search.iterations}",
+        log=self.is_main, bar=bool(c.progress_bar) and self.is_main)
+
   @staticmethod
   def curvature_key(state, iteration: int) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), iteration)
@@ -925,7 +948,8 @@ class _Runner:
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     key = self.curvature_key(state, pos.iteration)
     h = curvature_lib.accumulate(fns.curvature_fn, state["switches"], variables,
-                                 self.curvature_batches(pos.iteration), key)
+                                 self.curvature_batches(pos.iteration), key,
+                                 progress=self.curvature_progress(pos.iteration))
     scale = _curvature_scale(c)
     return jax.tree.map(lambda x: x * scale, h)
 
@@ -1164,14 +1188,12 @@ def _abstract(x):
 
 
 def _compile(name: str, fn, args) -> None:
-  t0 = time.perf_counter()
+  """Compiles `fn` (a `phases.LoggedJit`: it logs the compilation) for `args` ahead of its call."""
   try:
-    fn.lower(*args).compile()
+    fn.precompile(*args, ahead=True)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("compiling %s ahead failed (%s: %s); it compiles on its first call instead",
                     name, type(e).__name__, e)
-    return
-  logging.info("compiled %s ahead in %.1f s", name, time.perf_counter() - t0)
 
 
 class _StopSignal:

@@ -48,6 +48,7 @@ from bnas_jax import config_files
 from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
+from bnas_jax import phases
 from bnas_jax.models import eval_net
 from bnas_jax.models import layers
 
@@ -414,13 +415,19 @@ class _Trainer:
     self.save_index = self.ckpt.latest_index() or 0
     self.history: list[dict[str, Any]] = []
     self._init = functools.partial(init_state, self.model, self.tx, self.data.image_shape)
-    self.train_step = jax.jit(
+    # Each compilation is logged before it starts (what, and how long it took last time).
+    program = json.dumps({"genotype": c.genotype, "model": c.model.to_dict(),
+                          "train": c.train.to_dict(), "image_shape": self.data.image_shape},
+                         sort_keys=True, default=str)
+    self._logged = functools.partial(phases.LoggedJit, detail=f"genotype {c.genotype}",
+                                     program=program)
+    self.train_step = self._logged(jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx, seed=int(c.seed),
                           aux_weight=float(c.train.aux_weight),
                           label_smoothing=float(c.train.label_smoothing)),
-        donate_argnums=(0,), out_shardings=(self.replicated, self.replicated))
-    self.eval_step = jax.jit(functools.partial(eval_step, model=self.model),
-                             out_shardings=self.replicated)
+        donate_argnums=(0,), out_shardings=(self.replicated, self.replicated)), "train step")
+    self.eval_step = self._logged(jax.jit(functools.partial(eval_step, model=self.model),
+                                          out_shardings=self.replicated), "eval step")
 
   # ---- state ------------------------------------------------------------------------------------
 
@@ -437,7 +444,7 @@ class _Trainer:
       logging.info("resumed from checkpoint %d: epoch %d, step %d", index, meta["epoch"],
                    meta["step"])
       return state, int(meta["epoch"]), int(meta["step"])
-    init = jax.jit(self._init, out_shardings=self.replicated)
+    init = self._logged(jax.jit(self._init, out_shardings=self.replicated), "state initialisation")
     return init(jax.random.key(int(self.config.seed))), 0, 0
 
   def save(self, state, epoch: int, step: int):

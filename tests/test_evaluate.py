@@ -9,6 +9,7 @@ results.json, and a chosen step loads that checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -59,6 +60,33 @@ def trained(tmp_path_factory, cifar10_subset_dir):
   c.progress = False
   workdir = str(root / "run")
   return workdir, train_eval.run(c, workdir)
+
+
+def test_retraining_logs_each_compilation_before_it_starts(tmp_path, cifar10_subset_dir, caplog):
+  caplog.set_level(logging.INFO)
+  geno_path = str(tmp_path / "genotype.json")
+  GENOTYPE.save(geno_path)
+  c = train_eval.default_config()
+  c.genotype = geno_path
+  c.model.init_channels = 4
+  c.model.num_cells = 2
+  c.data.data_dir = cifar10_subset_dir
+  c.data.num_train = 4000
+  c.data.num_test = 1000
+  c.train.epochs = 1
+  c.train.batch_size = 8
+  c.train.eval_batch_size = 100
+  c.train.max_steps_per_epoch = 1
+  c.train.max_eval_examples = 100
+  c.progress = False
+  train_eval.run(c, str(tmp_path / "run"))
+  log = [r.getMessage() for r in caplog.records if r.name == "absl"]
+  for what in ("state initialisation", "train step", "eval step"):
+    before = [i for i, m in enumerate(log)
+              if m.startswith(f"compiling the {what} (genotype {geno_path}) (")]
+    after = [i for i, m in enumerate(log)
+             if m.startswith(f"compiled the {what} (genotype {geno_path}) in ")]
+    assert len(before) == len(after) == 1 and before[0] < after[0], (what, log)
 
 
 def _test_batch(data_dir: str) -> np.ndarray:
