@@ -49,7 +49,8 @@ flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (multi
                   "Defaults to config.distributed.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0's coordinator "
                     "(e.g. 127.0.0.1:12345 for several processes on one machine). Unset: "
-                    "$JAX_COORDINATOR_ADDRESS or the cluster's (SLURM, TPU pods, ...).")
+                    "$JAX_COORDINATOR_ADDRESS or the cluster's (SLURM, TPU pods, ...). This flag, "
+                    "--num_processes or --process_id implies --distributed.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (with "
                      "--coordinator_address). Unset: detected from the cluster.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index in "
@@ -140,8 +141,15 @@ def main(argv):
     _exit_with_error(e)
 
   distributed = FLAGS.distributed
+  # Any of the multi-host flags asks for a distributed run: without jax.distributed each process
+  # would run its own search into the same workdir.
+  multihost = [f"--{n}" for n in ("coordinator_address", "num_processes", "process_id")
+               if FLAGS[n].value is not None]
   if distributed is None:
-    distributed = bool(config.get("distributed", False))
+    distributed = bool(config.get("distributed", False)) or bool(multihost)
+  elif not distributed and multihost:
+    _exit_with_error(f"{', '.join(multihost)} set a multi-host run, --nodistributed a single "
+                     "process: drop one of them")
   if distributed:  # before anything asks JAX for its devices (the config checks do)
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 

@@ -27,6 +27,13 @@ TIMES_FILE = "bnas_jax_compile_times.json"
 
 _times_lock = threading.Lock()
 _times_in_process: dict[str, float] = {}
+_compile_seconds = [0.0]  # all LoggedJit compilations of this process so far
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent in `LoggedJit` compilations so far (monotonic)."""
+  with _times_lock:
+    return _compile_seconds[0]
 
 
 def _times_path() -> str | None:
@@ -53,6 +60,7 @@ def last_compile_time(program: str) -> float | None:
 def _record_compile_time(program: str, seconds: float) -> None:
   with _times_lock:
     _times_in_process[program] = seconds
+    _compile_seconds[0] += seconds
     path = _times_path()
     if path is None or jax.process_index() != 0:
       return
@@ -142,10 +150,10 @@ class PassProgress:
   """Progress of a pass over `total` batches: ``progress(done, elapsed_s)`` after each batch.
 
   Logs the first and the last batch and, in between, at most one line every `every_s` seconds:
-  ``<desc>: batch 3/10 after 12.0 s, ETA 28 s``. The ETA is the mean time of the batches after
-  the first (the first one may include a compilation) times the batches left; after the first
-  batch alone it is that batch's time. A tqdm bar (`bnas_jax.metrics.Progress`) is shown when
-  `bar` is True.
+  ``<desc>: batch 3/10 after 12.0 s, ETA 28 s``, with `` (N s compiling)`` after the time when
+  `LoggedJit` compilations (`compile_seconds`) ran since the pass began. The ETA is the mean time
+  per batch without those compilations times the batches left. A tqdm bar
+  (`bnas_jax.metrics.Progress`) is shown when `bar` is True.
 
   Args:
     total: number of batches.
@@ -158,24 +166,23 @@ class PassProgress:
   def __init__(self, total: int, desc: str, *, log: bool = True, bar: bool = False,
                every_s: float = 10.0):
     self.total, self.desc, self.log, self.every_s = int(total), desc, log, float(every_s)
-    self._first_s: float | None = None
+    self._compile_start = compile_seconds()
     self._last_log = -float("inf")
     self._bar = None
     if bar:
       from bnas_jax import metrics  # pylint: disable=g-import-not-at-top
       self._bar = metrics.Progress(self.total, desc)
 
+  def compiling_s(self) -> float:
+    """Seconds of `LoggedJit` compilations since this pass began."""
+    return compile_seconds() - self._compile_start
+
   def eta(self, done: int, elapsed_s: float) -> float:
-    """Seconds left after `done` batches in `elapsed_s` seconds."""
-    if done <= 1 or self._first_s is None:
-      per_batch = elapsed_s / max(done, 1)
-    else:
-      per_batch = (elapsed_s - self._first_s) / (done - 1)
+    """Seconds left after `done` batches in `elapsed_s` seconds (compilations excluded)."""
+    per_batch = max(elapsed_s - self.compiling_s(), 0.0) / max(done, 1)
     return max(self.total - done, 0) * per_batch
 
   def __call__(self, done: int, elapsed_s: float) -> None:
-    if done == 1:
-      self._first_s = elapsed_s
     if self._bar is not None:
       self._bar.update(1)
       if done >= self.total:
@@ -183,11 +190,13 @@ class PassProgress:
     if not self.log:
       return
     now = time.monotonic()
+    compiling = self.compiling_s()
+    took = f"{elapsed_s:.1f} s" + (f" ({compiling:.1f} s compiling)" if compiling >= 0.05 else "")
     if done >= self.total:
-      logging.info("%s: %d batches in %.1f s", self.desc, done, elapsed_s)
+      logging.info("%s: %d batches in %s", self.desc, done, took)
     elif done == 1 or now - self._last_log >= self.every_s:
-      logging.info("%s: batch %d/%d after %.1f s, ETA %.0f s", self.desc, done, self.total,
-                   elapsed_s, self.eta(done, elapsed_s))
+      logging.info("%s: batch %d/%d after %s, ETA %.0f s", self.desc, done, self.total, took,
+                   self.eta(done, elapsed_s))
     else:
       return
     self._last_log = now

@@ -278,7 +278,8 @@ def _curvature_batch_size(config) -> int:
 # difference is refused, because it would not match the checkpointed state or its data position.
 RESUME_SAFE_FIELDS = ("search.iterations", "log_every_steps", "progress_bar", "checkpoint.",
                       "debug.", "data.data_dir", "nb201.table", "model.dw_impl",
-                      "model.edge_loop", "model.pruned_ops", "model.remat", "search.compile_ahead")
+                      "model.edge_loop", "model.pruned_ops", "model.remat", "search.compile_ahead",
+                      "distributed")
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

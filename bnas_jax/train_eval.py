@@ -55,7 +55,8 @@ from bnas_jax.models import layers
 # Fields that may change when a run is resumed (`config_files.write_config`); the rest would
 # change the training trajectory or the network, and are refused while checkpoints exist.
 RESUME_SAFE_FIELDS = ("log_every_steps", "progress", "checkpoint.", "data.data_dir",
-                      "model.dw_impl", "train.stop_after_steps", "train.eval_every_epochs")
+                      "model.dw_impl", "train.stop_after_steps", "train.eval_every_epochs",
+                      "distributed")
 RESULTS_JSON = "results.json"
 
 

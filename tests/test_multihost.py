@@ -13,7 +13,8 @@ all-reduced across processes (gloo) and the checkpoints are written collectively
   TensorBoard, config, genotype, pictures and prior are process 0's alone);
 * a crash: process 1 is SIGKILLed right after optimiser step 1 of the 2-step epoch (its checkpoint
   written); process 0 then exits by itself with one line naming the failure; both restarted with
-  the same --workdir resume mid-epoch and end exactly as the uninterrupted two-process run.
+  the same --workdir (the multi-host flags alone, without --config.distributed) resume mid-epoch
+  and end exactly as the uninterrupted two-process run.
 """
 
 from __future__ import annotations
@@ -88,15 +89,17 @@ class TwoProcesses:
   """Both processes of one launch: `wait` returns their exit codes, `log(i)` their output."""
 
   def __init__(self, workdir: str, data_dir: str, data_cache_dir: str, tag: str,
-               extra: tuple[list[str], list[str]] = ([], [])):
+               extra: tuple[list[str], list[str]] = ([], []), config_switch: bool = True):
     self.workdir = workdir
     self.files = [os.path.join(os.path.dirname(workdir), f"{tag}.p{i}") for i in range(2)]
     port = _free_port()
     self.procs = []
     for i in range(2):
       cmd = [sys.executable, "-c", _AUDITED_MAIN, f"--config={TINY}", f"--workdir={workdir}",
-             f"--config.data.data_dir={data_dir}", "--config.distributed=True",
+             f"--config.data.data_dir={data_dir}",
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+      if config_switch:  # else the multi-host flags alone ask for jax.distributed
+        cmd.append("--config.distributed=True")
       cmd += [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + extra[i]
       env = dict(_env(data_cache_dir), AUDIT_DIR=workdir, AUDIT_FILE=self.files[i] + ".writes")
       with open(self.files[i] + ".log", "w") as log:
@@ -218,7 +221,8 @@ def test_killed_process_then_both_restarted_resume_to_the_same_result(
   assert (position["phase"], position["step"], position["global_step"]) == ("search", 1, 1)
   assert not os.path.exists(os.path.join(workdir, "genotype.json"))
 
-  again = TwoProcesses(workdir, cifar10_subset_dir, data_cache_dir, "resume")
+  # Restarted with the multi-host flags alone (config.distributed may change on resume).
+  again = TwoProcesses(workdir, cifar10_subset_dir, data_cache_dir, "resume", config_switch=False)
   rcs = again.wait()
   assert rcs == [0, 0], "\n".join(again.log(i)[-3000:] for i in range(2))
   for i in range(2):
@@ -230,3 +234,15 @@ def test_killed_process_then_both_restarted_resume_to_the_same_result(
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   assert again.writes(1) == set(), sorted(again.writes(1))
+
+
+def test_multihost_flags_with_nodistributed_are_refused_in_one_line(tmp_path, cifar10_subset_dir):
+  proc = subprocess.run(
+      [sys.executable, "-m", "bnas_jax.main", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+       f"--config.data.data_dir={cifar10_subset_dir}", "--nodistributed", "--process_id=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ,
+                                                                      JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip() == ("bnas_jax.main: error: --process_id set a multi-host run, "
+                                 "--nodistributed a single process: drop one of them")
+  assert not os.path.exists(tmp_path / "w")
