@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bnas_jax import checkpointing
 from bnas_jax import config_files
@@ -92,10 +93,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     stored = json.load(f)
   if stored.get("mode") != "train":
+    fix = ("its NAS-Bench-201 cell is not retrained: the table accuracy is in summary.json"
+           if stored.get("space") == "nb201" else
+           "train its genotype first: python -m bnas_jax.main --config experiments/cifar_eval.py "
+           f"--config.genotype {os.path.join(workdir, 'genotype.json')} --workdir <new dir>")
     raise errors.ConfigError(
-        f"{workdir} is a {stored.get('mode', 'search')!r} run, not a retraining run; train its "
-        "genotype first: python -m bnas_jax.main --config experiments/cifar_eval.py "
-        f"--config.genotype {os.path.join(workdir, 'genotype.json')} --workdir <new dir>")
+        f"{workdir} is a {stored.get('mode', 'search')!r} run, not a retraining run; {fix}")
   config = train_eval.default_config()
   unknown = sorted(set(config_files.flatten(stored)) - set(config_files.flatten(config.to_dict())))
   if unknown:
@@ -158,10 +161,12 @@ def load(workdir: str, step: int | None = None) -> TrainedNetwork:
 def _stored_abstract_state(directory: str, index: int) -> Any:
   """The stored state's tree of `jax.ShapeDtypeStruct` on the first local device (orbax metadata:
   no array is read)."""
-  with ocp.StandardCheckpointer() as reader:
-    meta = reader.metadata(os.path.join(directory, str(index), checkpointing.STATE))
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
+  handler = ocp.StandardCheckpointHandler()  # reads the item's metadata without a step folder
+  try:
+    meta = handler.metadata(epath.Path(directory) / str(index) / checkpointing.STATE)
+  finally:
+    handler.close()
+  tree = getattr(meta, "tree", meta)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
                       tree)

@@ -21,13 +21,16 @@ Variants (``:name``):
 * ``cpu``: a small network (5 cells, C = 8, no aux head, no cutout / drop path) trained for 3
   epochs on the first 5,000 training images with batch 50 and lr 0.05, evaluated on the full
   10,000-image test set after every epoch; minutes per epoch on an idle 2-core CPU.
+* ``tiny``: 2 cells, C = 4, 2 epochs of 4 steps on 64 images of the lossless CIFAR-10 subset
+  (``--config.data.data_dir ~/.cache/bnas_jax/cifar10-lossless-subset``), evaluated on its 1,000
+  test images: seconds (smoke tests; then ``python -m bnas_jax.evaluate --workdir DIR``).
 """
 
 from bnas_jax import train_eval
 
 
 def get_config(arg=None):
-  """The CIFAR-10 retraining config; `arg` selects a variant (None or 'cpu')."""
+  """The CIFAR-10 retraining config; `arg` selects a variant (None, 'cpu' or 'tiny')."""
   config = train_eval.default_config()
   config.genotype = "bayesnas_0.01"
   config.data.name = "cifar10"
@@ -47,4 +50,22 @@ def get_config(arg=None):
     config.train.drop_prob = 0.0
     config.log_every_steps = 20
     return config
-  raise ValueError(f"unknown variant {arg!r} of experiments/cifar_eval.py; use '' or 'cpu'")
+  if arg == "tiny":
+    # Seconds on a CPU (smoke tests, the `python -m bnas_jax.evaluate` walkthrough; not a
+    # meaningful run): on the lossless 4,000 / 1,000 CIFAR-10 subset (``make data-shared``).
+    config.model.init_channels = 4
+    config.model.num_cells = 2  # both cells are reductions
+    config.model.auxiliary = False
+    config.data.num_train = 4_000
+    config.data.num_test = 1_000
+    config.data.train_examples = 64
+    config.data.cutout = 0
+    config.train.epochs = 2
+    config.train.batch_size = 16
+    config.train.eval_batch_size = 250
+    config.train.drop_prob = 0.0
+    config.log_every_steps = 1
+    config.progress = False
+    return config
+  raise ValueError(f"unknown variant {arg!r} of experiments/cifar_eval.py; use '', 'cpu' or "
+                   "'tiny'")

@@ -152,3 +152,10 @@ def test_errors_name_the_problem(trained, tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("bnas_jax.evaluate: error: ")
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_tiny_retraining_variant_is_a_valid_config():
+  from bnas_jax import config_files  # pylint: disable=g-import-not-at-top
+  c = config_files.load(os.path.join(REPO, "experiments", "cifar_eval.py")).get_config("tiny")
+  train_eval.check_config(c)
+  assert (c.data.num_train, c.data.num_test, c.train.epochs) == (4000, 1000, 2)
