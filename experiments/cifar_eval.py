@@ -23,7 +23,8 @@ Variants (``:name``):
   10,000-image test set after every epoch; minutes per epoch on an idle 2-core CPU.
 * ``tiny``: 2 cells, C = 4, 2 epochs of 4 steps on 64 images of the lossless CIFAR-10 subset
   (``--config.data.data_dir ~/.cache/bnas_jax/cifar10-lossless-subset``), evaluated on its 1,000
-  test images: seconds (smoke tests; then ``python -m bnas_jax.evaluate --workdir DIR``).
+  test images: mostly compilation, then seconds of training (smoke tests; then
+  ``python -m bnas_jax.evaluate --workdir DIR``).
 """
 
 from bnas_jax import train_eval
@@ -51,8 +52,9 @@ def get_config(arg=None):
     config.log_every_steps = 20
     return config
   if arg == "tiny":
-    # Seconds on a CPU (smoke tests, the `python -m bnas_jax.evaluate` walkthrough; not a
-    # meaningful run): on the lossless 4,000 / 1,000 CIFAR-10 subset (``make data-shared``).
+    # Seconds of training on a CPU after the compilations (smoke tests, the `python -m
+    # bnas_jax.evaluate` walkthrough; not a meaningful run): on the lossless 4,000 / 1,000 CIFAR-10
+    # subset (``make data-shared``).
     config.model.init_channels = 4
     config.model.num_cells = 2  # both cells are reductions
     config.model.auxiliary = False
