@@ -466,12 +466,16 @@ def hutchinson(apply_fn: ApplyFn, switches: PyTree, variables: PyTree, batch: Ba
   return clamp_nonnegative(out) if clamp else out
 
 
+# The paper's fast layer-wise Hessian (spec 6.1, 6.2); it imports this module's checks lazily.
+from bnas_jax import fast_hessian  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 CURVATURE_FNS: dict[str, Callable[..., PyTree]] = {
     "hessian": hessian,
     "ggn": ggn,
     "ggn_fast": ggn_fast,
     "fisher": fisher,
     "hutchinson": hutchinson,
+    "recursive": fast_hessian.recursive,
 }
 
 
@@ -490,7 +494,7 @@ def get_curvature_fn(name: str) -> Callable[..., PyTree]:
 
 # Estimators built from reverse-mode products only (per-example VJPs); the others use jvp /
 # linearize and need every op of the network to support forward-mode AD.
-REVERSE_MODE_KINDS = ("ggn_fast", "fisher")
+REVERSE_MODE_KINDS = ("ggn_fast", "fisher", "recursive")
 
 
 def make_curvature_fn(name: str, apply_fn: ApplyFn, *, jit: bool = True,

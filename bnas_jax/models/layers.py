@@ -202,7 +202,8 @@ def _dsv_bwd(stride, padding, dilation, res, ct):
   ctp = _transposed_pad(ct, (h, w), k, stride, padding, dilation)
   dx = _depthwise_shift(ctp, kernel[::-1, ::-1], 1, 0, dilation)
   xp = _pad_hw(x, padding)
-  taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
+  # Default int dtype: the same as the literal 0 offsets of `dynamic_slice` (int64 under x64).
+  taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)])
 
   def body(_, off):
     sl = lax.dynamic_slice(xp, (0, off[0], off[1], 0),
@@ -225,7 +226,8 @@ def _depthwise_scan(x: Array, kernel: Array, stride: int, padding: int, dilation
   ho = out_size(h, k, stride, padding, dilation)
   wo = out_size(w, k, stride, padding, dilation)
   xp = _pad_hw(x, padding)
-  taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)], jnp.int32)
+  # Default int dtype: the same as the literal 0 offsets of `dynamic_slice` (int64 under x64).
+  taps = jnp.asarray([(i * dilation, j * dilation) for i in range(k) for j in range(k)])
 
   def body(acc, tap):
     off, wt = tap
@@ -419,7 +421,8 @@ def avg_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
     pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     s = lax.reduce_window(x, 0.0, lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pads)
   if count_include_pad:
-    return s / float(kernel * kernel)
+    with jax.named_scope(AVG_POOL_SCOPE):
+      return s / float(kernel * kernel)
   ones = np.ones((1, x.shape[1], x.shape[2], 1), np.float32)
   pads_np = [(0, 0), (padding, padding), (padding, padding), (0, 0)]
   onesp = np.pad(ones, pads_np)
@@ -429,7 +432,21 @@ def avg_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
   for i in range(kernel):
     for j in range(kernel):
       cnt += onesp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-  return s / jnp.asarray(cnt)
+  with jax.named_scope(AVG_POOL_SCOPE):
+    return s / jnp.asarray(cnt)
+
+
+# Named scopes (`jax.named_scope`) around the normalising division of `avg_pool` and around
+# `global_avg_pool`: `bnas_jax.fast_hessian` finds these coefficients by name for the original
+# code's pool constants (its ``fidelity`` option). They do not change any value.
+AVG_POOL_SCOPE = "avg_pool_normalise"
+GLOBAL_AVG_POOL_SCOPE = "global_avg_pool"
+
+
+def global_avg_pool(x: Array) -> Array:
+  """Mean over the spatial axes, f32[B, H, W, C] -> f32[B, C] (in scope `GLOBAL_AVG_POOL_SCOPE`)."""
+  with jax.named_scope(GLOBAL_AVG_POOL_SCOPE):
+    return jnp.mean(x, axis=(1, 2))
 
 
 _FROZEN_BATCH_STATS = contextvars.ContextVar("bnas_jax_frozen_batch_stats", default=False)
