@@ -179,7 +179,7 @@ def main(argv):
     # The run diverged; the message names the kept checkpoint and the fix. Exit 1: not bad input.
     print(f"bnas_jax.main: error: {e}", file=sys.stderr)
     sys.exit(1)
-  except jax.errors.JaxRuntimeError as e:
+  except Exception as e:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       raise
     _exit_multihost_failure(e)
@@ -188,19 +188,32 @@ def main(argv):
     sys.exit(128 + int(getattr(signal, stopped_by)))
 
 
-def _exit_multihost_failure(e: Exception) -> None:
-  """Ends this process of a multi-host run whose collective failed: one line, exit status 1.
+# Messages of a failed cross-process collective (the gloo / coordination service wording); JAX
+# raises them as JaxRuntimeError or ValueError depending on where the failure surfaces.
+_COLLECTIVE_FAILURE = ("gloo", "heartbeat", "connection reset", "coordination service",
+                       "barrier", "deadline_exceeded", "unavailable")
 
-  Usually another process died. JAX's exit handler would wait for it at a shutdown barrier until
-  the heartbeat timeout and then abort with a native stack trace, so this process exits at once
-  (`os._exit`) once the line and the logs are flushed. The checkpoints on disk are complete
-  (orbax writes them atomically).
+
+def _exit_multihost_failure(e: Exception) -> None:
+  """Ends this process of a multi-host run after an unhandled error: one line, exit status 1.
+
+  Either a collective with the other processes failed (usually another process died) or this
+  process failed (the traceback goes to the log; the others then fail at their next collective).
+  JAX's exit handler would wait for the other processes at a shutdown barrier until the heartbeat
+  timeout and then abort with a native stack trace, so this process exits at once (`os._exit`)
+  once the line and the logs are flushed. The checkpoints on disk are complete (orbax writes them
+  atomically).
   """
-  first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-  msg = (f"process {jax.process_index()} of {jax.process_count()}: a collective operation with "
-         f"the other processes failed ({first[:300]}); another process has probably stopped. "
-         "Restart every process with the same --workdir: the run resumes from its last "
-         "checkpoint.")
+  first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+  what = f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+  where = f"process {jax.process_index()} of {jax.process_count()}"
+  if any(k in str(e).lower() for k in _COLLECTIVE_FAILURE):
+    msg = (f"{where}: a collective operation with the other processes failed ({what}); another "
+           "process has probably stopped.")
+  else:
+    logging.exception("%s failed", where)
+    msg = f"{where} failed ({what}; traceback in the log); the other processes stop with it."
+  msg += " Restart every process with the same --workdir: the run resumes from its last checkpoint."
   logging.error("%s", msg)
   print(f"bnas_jax.main: error: {msg}", file=sys.stderr)
   logging.flush()

@@ -771,14 +771,21 @@ class _Runner:
     """Whether SIGINT / SIGTERM asked the run to stop (agreed by all processes).
 
     One process checks after every step; several processes agree at logging steps only (one
-    small all-gather), so that all of them checkpoint the same step.
+    small all-gather of the signal numbers), so that all of them checkpoint the same step and
+    stop as if they had received the signal (`SearchResult.stopped_by`, main's exit status).
     """
     if jax.process_count() == 1:
       return self.stop.requested
     if not at_log_step:
       return False
-    flags = multihost_utils.process_allgather(np.asarray(self.stop.requested, np.int32))
-    return bool(np.any(flags))
+    mine = int(getattr(signal, self.stop.name)) if self.stop.requested else 0
+    signums = multihost_utils.process_allgather(np.asarray(mine, np.int32))
+    if np.any(signums) and not self.stop.requested:
+      self.stop.requested = True
+      self.stop.name = signal.Signals(int(np.max(signums))).name
+      logging.warning("another process received %s: checkpointing this step and stopping",
+                      self.stop.name)
+    return bool(np.any(signums))
 
   def save(self, state, pos: _Position) -> None:
     """Saves a checkpoint (the caller has checked that everything since the last one is finite)."""

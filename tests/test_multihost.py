@@ -4,17 +4,19 @@ Each process is ``python -m bnas_jax.main --config.distributed=True --coordinato
 127.0.0.1:<free port> --num_processes 2 --process_id <i>`` with one CPU device, so the run has a
 2-device mesh over 2 processes: every batch is assembled from per-process rows, the gradients are
 all-reduced across processes (gloo) and the checkpoints are written collectively. The tiny search
-(experiments/tiny.py without warm-up, one outer iteration, global batch 4) is checked against:
+(experiments/tiny.py without warm-up, one outer iteration, 3 steps of global batch 4) is checked
+against:
 
 * the same search in one process with one device (same global batch): the same genotype and alive
   mask, gamma and val accuracy up to float reassociation;
 * the files: every process runs under an audit hook that records each file it opens for writing in
   the run directory; process 1 writes nothing there except its share of the checkpoints (logs,
   TensorBoard, config, genotype, pictures and prior are process 0's alone);
-* a crash: process 1 is SIGKILLed right after optimiser step 1 of the 2-step epoch (its checkpoint
-  written); process 0 then exits by itself with one line naming the failure; both restarted with
-  the same --workdir (the multi-host flags alone, without --config.distributed) resume mid-epoch
-  and end exactly as the uninterrupted two-process run.
+* a stop and a crash: SIGTERM to process 1 after optimiser step 1 of the 3-step epoch stops both
+  processes at that step (checkpointed, both exit with SIGTERM's status); restarted, process 1 is
+  SIGKILLed after step 2 (its checkpoint written) and process 0 then exits by itself with one line
+  naming the failure; both restarted with the same --workdir (the multi-host flags alone, without
+  --config.distributed) resume mid-epoch and end exactly as the uninterrupted two-process run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from bnas_jax import search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
-OVERRIDES = {"search.warmup_epochs": 0, "search.iterations": 1}
+# No warm-up, one outer iteration; a search epoch of 3 steps (12 examples in batches of 4).
+OVERRIDES = {"search.warmup_epochs": 0, "search.iterations": 1, "data.splits.search": 12}
 TIMEOUT_S = 900
 
 # Runs bnas_jax.main with an audit hook that appends "<path>" to $AUDIT_FILE for every file opened
@@ -135,8 +138,11 @@ def tiny_config(data_dir: str):
   config = config_files.load(TINY).get_config()
   config.data.data_dir = data_dir
   for dotted, value in OVERRIDES.items():
-    section, leaf = dotted.split(".")
-    config[section][leaf] = value
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   config.lock()
   return config
 
@@ -188,7 +194,7 @@ def test_two_processes_give_the_one_process_result_and_process_0_alone_writes(
     np.testing.assert_allclose(prior[f"gamma/{t}"].mean(0), one.gamma[t], rtol=1e-4, atol=1e-6)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
-  assert summary["global_step"] == one.global_step == 2
+  assert summary["global_step"] == one.global_step == 3
   np.testing.assert_allclose(summary["val_accuracy"], one.val_accuracy, atol=1e-6)
 
   # Process 0 wrote the run's files (the audit hook sees them), process 1 nothing at all.
@@ -202,23 +208,37 @@ def test_two_processes_give_the_one_process_result_and_process_0_alone_writes(
     assert f.read().count("starting a new search") == 1
 
 
-def test_killed_process_then_both_restarted_resume_to_the_same_result(
+def _position(workdir: str) -> tuple[str, int, int]:
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    position = ckpt.restore_meta()["position"]
+  finally:
+    ckpt.close()
+  return position["phase"], position["step"], position["global_step"]
+
+
+def test_stopped_or_killed_process_then_both_restarted_resume_to_the_same_result(
     two_process_result, tmp_path, cifar10_subset_dir, data_cache_dir):
   workdir = str(tmp_path / "run")
+  # SIGTERM to process 1 after step 1: both processes checkpoint that step and stop, with the
+  # exit status of SIGTERM (process 0 never received it).
+  term = TwoProcesses(workdir, cifar10_subset_dir, data_cache_dir, "term",
+                      extra=([], ["--config.debug.signal_at_step=1"]))
+  rcs = term.wait()
+  assert rcs == [128 + signal.SIGTERM] * 2, "\n".join(term.log(i)[-3000:] for i in range(2))
+  assert "another process received SIGTERM" in term.log(0)
+  assert _position(workdir) == ("search", 1, 1)
+
+  # Restarted; process 1 is SIGKILLed after step 2 of the 3-step epoch (its checkpoint written).
   crash = TwoProcesses(workdir, cifar10_subset_dir, data_cache_dir, "crash",
-                       extra=([], ["--config.debug.kill_at_step=1"]))
+                       extra=([], ["--config.debug.kill_at_step=2"]))
   rcs = crash.wait()
   assert rcs[1] == -signal.SIGKILL, crash.log(1)[-3000:]
   # The survivor's collective fails; it ends by itself with one line naming what to do.
   assert rcs[0] == 1, crash.log(0)[-3000:]
   assert "another process has probably stopped" in crash.log(0)
   assert "Check failure stack trace" not in crash.log(0)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  try:
-    position = ckpt.restore_meta()["position"]
-  finally:
-    ckpt.close()
-  assert (position["phase"], position["step"], position["global_step"]) == ("search", 1, 1)
+  assert _position(workdir) == ("search", 2, 2)
   assert not os.path.exists(os.path.join(workdir, "genotype.json"))
 
   # Restarted with the multi-host flags alone (config.distributed may change on resume).
@@ -233,7 +253,8 @@ def test_killed_process_then_both_restarted_resume_to_the_same_result(
   got, want = _prior(workdir), _prior(reference)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  assert again.writes(1) == set(), sorted(again.writes(1))
+  for run in (term, crash, again):
+    assert run.writes(1) == set(), sorted(run.writes(1))
 
 
 def test_multihost_flags_with_nodistributed_are_refused_in_one_line(tmp_path, cifar10_subset_dir):
