@@ -24,6 +24,7 @@ from absl import logging
 import jax
 
 TIMES_FILE = "bnas_jax_compile_times.json"
+MAX_RECORDED = 2000  # programs whose last compile time the file keeps (the most recent ones)
 
 _times_lock = threading.Lock()
 _times_in_process: dict[str, float] = {}
@@ -71,11 +72,14 @@ def _record_compile_time(program: str, seconds: float) -> None:
           times = json.load(f)
         if not isinstance(times, dict):
           times = {}
-      times[program] = round(seconds, 3)
+      times.pop(program, None)
+      times[program] = round(seconds, 3)  # newest last; the oldest are dropped beyond the cap
+      for old in list(times)[:max(len(times) - MAX_RECORDED, 0)]:
+        del times[old]
       os.makedirs(os.path.dirname(path), exist_ok=True)
       tmp = f"{path}.{os.getpid()}.tmp"
       with open(tmp, "w") as f:
-        json.dump(times, f, indent=0, sort_keys=True)
+        json.dump(times, f, indent=0)
       os.replace(tmp, path)
     except (OSError, ValueError) as e:  # the times are a convenience: never fail the run
       logging.warning("could not record the compile time in %s: %s", path, e)

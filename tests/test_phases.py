@@ -8,6 +8,7 @@ ETA that is the arithmetic of the reported times.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -157,3 +158,13 @@ def test_search_logs_each_compilation_and_the_curvature_progress(tmp_path, caplo
   assert [m for m in log if m.startswith("compiling")] == [
       m for m in log if m.startswith("compiling the state initialisation (last time ")]
   assert len([m for m in log if m.startswith("compiling")]) == 1
+
+
+def test_compile_time_file_keeps_the_most_recent_programs(times_file, monkeypatch):
+  monkeypatch.setattr(phases, "MAX_RECORDED", 2)
+  for name, seconds in (("a", 1.0), ("b", 2.0), ("c", 3.0), ("a", 4.0)):
+    phases._record_compile_time(name, seconds)  # pylint: disable=protected-access
+  with open(times_file) as f:
+    assert json.load(f) == {"c": 3.0, "a": 4.0}
+  phases._times_in_process.clear()  # pylint: disable=protected-access
+  assert phases.last_compile_time("a") == 4.0 and phases.last_compile_time("b") is None
