@@ -9,7 +9,7 @@ any network that is the same as running the network's backward pass (vector-Jaco
 every linear coefficient squared, fed at the logits with the diagonal output curvature. The layer
 rules of spec 6.2 all follow from this one rule: squared weights for dense, 1 x 1, k x k, depthwise
 and dilated convolutions (each tap is one coefficient), squared ReLU masks (= the masks), batch norm
-with fixed statistics as ``(gamma * rsqrt(var + eps))^2``, ``1/k^2`` per window for k-pixel average
+with fixed statistics as ``(gamma * rsqrt(var + eps))^2``, ``1/n^2`` per window for n-pixel average
 pooling, routing to the argmax for max pooling, ``s^2`` through a switch ``y = s * u`` and, at the
 switch itself, ``h_s = sum_{b,h,w,c} u^2 * H_y`` (the pre-activation curvature at its output), sums
 at sum nodes, splits at concatenations and sums over consumers at fan-outs.
@@ -49,9 +49,9 @@ It is exact where no value reaches an output along two paths and every output's 
 diagonal, e.g. a chain of elementwise layers with one switch per class, or the weights of one dense
 or convolution layer with one softmax per (example, position) (tests/test_fast_hessian.py).
 
-The original code's quirks (spec 6.3: averaging over rows at each layer, the dilated-kernel copy bug,
-stride-1 scatter) are not reproduced; ``fidelity=True`` of `recursive` reproduces its head and pool
-constants only (see there).
+The original code's quirks (spec 6.3: averaging over rows at each layer, the dilated-kernel copy
+bug, stride-1 scatter) are not reproduced; ``fidelity=True`` of `recursive` reproduces its head
+and pool constants only (see there).
 """
 
 from __future__ import annotations
@@ -389,8 +389,8 @@ def recursive(apply_fn, switches: PyTree, variables: PyTree, batch, key: jax.Arr
     loss: ``'softmax_cross_entropy'`` or ``'squared_error'``.
     fidelity: reproduce the original code's constants (spec 6.2, 6.3) for side-by-side
       comparisons: target-class-only head ``p_y (1 - p_y)``, 0.5 at the global average pool and
-      ``1/k^2`` instead of ``1/k^4`` per k-pixel window of average pooling (the pools of
-      `bnas_jax.models.layers` mark these coefficients with named scopes). Its per-layer row
+      ``1/n`` instead of ``1/n^2`` per n-pixel window of average pooling (1/9 for 3 x 3; the pools
+      of `bnas_jax.models.layers` mark these coefficients with named scopes). Its per-layer row
       averaging, the dilated-conv and stride quirks are not reproduced. Units stay those of the
       mean loss (the original sums over the batch: multiply by B).
     chunk_size: ignored (accepted for the runner's common options; there is one backward pass).
