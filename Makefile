@@ -10,16 +10,18 @@ WORKERS ?= auto
 TEST_ARGS ?=
 DATASET ?= cifar10
 DATA_DIR ?=
+SEEDS ?= 0,1,2,3,4
+KINDS ?= ggn_fast
 
 CONFIG = experiments/$(EXP).py$(if $(VARIANT),:$(VARIANT))
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-prepare test search train bench data data-shared check-exp
+.PHONY: help install install-prepare test search train bench nb201-seeds data data-shared check-exp
 
 help: ## Show this help.
 	@echo "Usage: make <target> [VAR=value ...]"
 	@echo
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables: PYTHON=$(PYTHON) EXP=<NAME of experiments/NAME.py> VARIANT=<config variant>"
 	@echo "  WORKDIR=runs/<EXP> ARGS=<config overrides, e.g. \"--config.seed=1\">"
@@ -46,8 +48,11 @@ search: check-exp ## Architecture search: make search EXP=<name> [VARIANT=..] [W
 train: check-exp ## Train/evaluate a network: make train EXP=<name> [VARIANT=..] [WORKDIR=..] [ARGS=..].
 	$(PYTHON) -m bnas_jax.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
-bench: ## Run every benchmark script in bench/ (prints throughput figures).
-	@set -e; for f in bench/*.py; do echo "== $$f"; $(PYTHON) $$f; done
+nb201-seeds: ## NAS-Bench-201 quality over seeds: make nb201-seeds [SEEDS=0,1,2,3,4] [KINDS=ggn_fast,recursive].
+	$(PYTHON) bench/nb201_seeds.py --seeds $(SEEDS) --kinds $(KINDS) $(ARGS)
+
+bench: ## Run the speed benchmarks bench/bench_*.py (print throughput figures).
+	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PYTHON) $$f; done
 
 data: ## Download + prepare DATASET with TFDS (array_record; needs internet and install-prepare).
 	$(PYTHON) -m bnas_jax.input_pipeline prepare --name $(DATASET) $(if $(DATA_DIR),--data_dir $(DATA_DIR))

@@ -5,18 +5,39 @@ Every estimator in `CURVATURE_FNS` has the signature
   ``fn(apply_fn, switches, variables, batch, key=None, **opts) -> pytree shaped like switches``
 
 * ``apply_fn(variables, switches, images) -> logits f32[B, C]`` is a pure function (for the supernet:
-  train-mode batch norm with batch statistics, updated statistics discarded).
+  `bnas_jax.search.curvature_apply`, see "The curvature" below).
 * ``switches`` is any pytree of float arrays (for the supernet ``{tau: f32[n_tau, E, K]}``).
 * ``batch = {'image': f32[B, ...], 'label': i32[B]}`` (for ``loss='squared_error'`` the label is a
   regression target ``f32[B, C]``).
+
+The curvature (one quantity for every estimator). The Laplace step of BayesNAS needs the curvature
+of the data loss with respect to the switches. For the supernet it is defined on the loss with
+each batch-norm layer's statistics *held fixed at this batch's values*: train-mode normalisation
+with the batch mean and variance, but no derivative through them
+(`bnas_jax.models.layers.frozen_batch_stats`, entered by `search.curvature_apply`). This is the
+form of the original's layer recursion (spec 6.2, BN as a fixed scale) and of common Laplace
+libraries (a network evaluated at fixed normalisation), and it makes every kind below estimate the
+same diagonal:
+
+* examples no longer interact, so ``ggn_fast`` (per-example rows) *is* the exact ``ggn``;
+* the logits are piecewise linear in each single switch (a switch scales one tensor on each path,
+  and ReLU, max-pool and BN with fixed statistics are piecewise linear), so the Hessian diagonal
+  equals the GGN diagonal and ``hessian`` agrees with ``ggn`` per switch;
+* ``fisher`` and ``hutchinson`` are unbiased estimators of that same diagonal;
+* an origin switch in front of a BN-first op is no longer exactly scale-invariant (with
+  differentiated batch statistics its exact curvature was ~0 while the per-example kinds gave
+  O(1): different quantities).
+
+tests/test_curvature.py checks the agreement per switch on tiny nb201 and bayesnas supernets. The
+layer-wise recursion (``recursive``, `bnas_jax.fast_hessian`) approximates the same diagonal.
 
 Units (spec 4.2, 6.4). Every estimator returns (an estimate of) the diagonal of the curvature of the
 *mean* loss over the batch,
 
   ``L(s) = (1/B) sum_b loss(logits_b(s), label_b)``,
 
-with the data loss the mean softmax cross-entropy by default. The caller (the search runner) scales
-it, e.g. by the number of training examples, and divides by lambda before the prior update.
+with the data loss the mean softmax cross-entropy by default. The caller (the search runner)
+multiplies it by ``bayes.curvature_scale`` and divides by lambda before the prior update.
 `accumulate` averages the per-batch diagonals over M batches (equal weight per batch), i.e. it
 returns the curvature of the mean loss over the M * B examples for the batch-independent parts.
 

@@ -22,15 +22,16 @@
       ``<workdir>/iterations/tNN/``;
 3. ``<workdir>/genotype.json`` + cell pictures, ``prior.npz`` and ``summary.json``.
 
-Curvature units (spec 6.3, 6.4). The estimators return the diagonal curvature of the *mean* loss
-over a batch. The original's ``h`` is a *sum* over its last 18-image batch (about 18x the
-mean-loss value, up to its quirky constant factors), and its lambdas (0.005-0.01) were tuned
-against that. ``bayes.curvature_scale`` multiplies the mean-loss curvature before `bayes.update`
-divides it by lambda; the default equals the search batch size (18 in the proxy config), which puts
-``H = scale * h / lambda`` in the original's units so that the published lambdas are a sensible
-starting point. Lambda still needs calibration (spec 6.4, 10): look at the logged ``H`` and
-``gamma`` medians. (A "full Laplace" choice would be the number of search examples, 40,000: the
-log-likelihood of the whole split; with it the published lambdas prune far more.)
+Curvature units (spec 4.1, 4.3, 6.4). The epoch minimises ``E_D + sum_g lambda_k omega_g ||S_g||``
+with ``E_D`` the *mean* NLL. Divided by lambda this is ``E_D / lambda + sum_g omega_g ||S_g||``: the
+negative log of the likelihood tempered by ``1/lambda`` times the tangent-bounded HARD prior, whose
+Laplace precision for a switch is ``1/gamma + h / lambda`` with ``h`` the curvature of the same
+mean loss. So ``H = curvature_scale * h / lambda`` with ``bayes.curvature_scale = 1`` (the default)
+is the precision consistent with the loss the switches are trained on; lambda is then the one
+temperature shared by the penalty and the update. (The original's h was a *sum* over its last
+18-image batch with quirky constants, spec 6.3, and its lambdas 0.005-0.01 were tuned against that;
+``curvature_scale = 18`` with those lambdas mimics it, and puts ``gamma * H`` far above 1 where
+gamma follows the switch size alone, see `bayes.calibration`, logged every iteration.)
 
 Data parallelism: one `jax.jit`-ted step over a 1-D mesh of all devices (axis ``'data'``), the
 batch sharded (``NamedSharding(mesh, P('data'))``) and the state replicated; XLA's SPMD partitioner
@@ -153,7 +154,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.bayes = ml_collections.ConfigDict()
   c.bayes.lambda_origin = 0.01
   c.bayes.lambda_op = 0.01
-  c.bayes.curvature_scale = -1.0  # -1: = search.batch_size (the original's units, module doc)
+  # H = curvature_scale * h / lambda with h the curvature of the mean loss: 1 is the precision of
+  # the loss the switches are trained on (module docstring); -1 = search.batch_size, the original's
+  # sum-over-batch units.
+  c.bayes.curvature_scale = 1.0
   c.bayes.prune_threshold = 1e-3
   c.bayes.prune_mode = "relative"  # 'absolute' | 'relative' (to the largest live gamma of the same
   # switch kind, origin or op, per cell type)
@@ -497,7 +501,10 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
   tx_w, tx_s = _optimizers(config)
   lam_o, lam_op = float(config.bayes.lambda_origin), float(config.bayes.lambda_op)
   proximal = config.search.penalty_mode == "proximal"
-  switch_lr = float(config.search.switch_lr)
+  # The group soft-threshold after a momentum-mu SGD step: momentum amplifies a steady gradient,
+  # the subgradient mode's penalty gradient included, by 1/(1 - mu); the proximal step uses the
+  # same effective step size lr/(1 - mu), so both modes shrink the switches alike at one lambda.
+  prox_step = float(config.search.switch_lr) / (1.0 - float(config.search.switch_momentum))
   eval_batch_bn = config.search.eval_bn == "batch"
   replicated = NamedSharding(key.mesh, P())
   space = spaces.get_space(config.space)
@@ -531,7 +538,7 @@ def _build_step_fns(key: _StaticKey) -> StepFns:
     upd_s, opt_s = tx_s.update(g_s, state["opt_s"], state["switches"], alive=prior.alive)
     switches = optax.apply_updates(state["switches"], upd_s)
     if proximal:
-      switches = bayes.prox_group_l1(switches, prior, lam_o, lam_op, switch_lr)
+      switches = bayes.prox_group_l1(switches, prior, lam_o, lam_op, prox_step)
       pen = bayes.penalty(switches, prior, lam_o, lam_op)
     switches = bayes.apply_mask(switches, prior.alive)
     keep = lambda new, old: jax.tree.map(  # pylint: disable=g-long-lambda
@@ -968,6 +975,7 @@ class _Runner:
     h = self.curvature(state, pos)
     old_alive = {tt: np.asarray(a) for tt, a in state["prior"].alive.items()}
     fns = self.fns(old_alive)
+    gamma_prev, switches_prev = state["prior"].gamma, state["switches"]
     prior, switches = fns.prior_update(state["prior"], state["switches"], h)
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(
         (h, prior.gamma, prior.omega, prior.posterior_variance)))
@@ -983,17 +991,19 @@ class _Runner:
     ev = self.evaluate(state)
     self.val_accuracy = ev["val_accuracy"]
     summ = {k: float(v) for k, v in jax.device_get(bayes.summaries(prior)).items()}
+    calib = {k: float(v) for k, v in jax.device_get(bayes.calibration(gamma_prev, prior)).items()}
     genotype_obj = self.derive(prior)
     record = {"iteration": t, "global_step": pos.global_step, **ev,
               "live_groups": int(summ["live_groups"]),
               "live_switches": int(sum(v for k, v in summ.items() if k.endswith("/live_switches"))),
-              "curvature_and_update_s": update_s,
+              "curvature_and_update_s": update_s, "calibration": calib,
               "genotype": _genotype_json(genotype_obj)}
     nb = self.nb201_accuracy(prior)
     if nb is not None:
       record.update(nb)
     self.history.append(record)
     self.writer.write_scalars(pos.global_step, summ, log=False, prefix="prior/")
+    self.writer.write_scalars(pos.global_step, calib, log=False, prefix="calibration/")
     self.writer.write_scalars(pos.global_step, {k: v for k, v in record.items()
                                                 if isinstance(v, (int, float))},
                               prefix="iteration/")
@@ -1001,8 +1011,11 @@ class _Runner:
     logging.info("iteration %d: val accuracy %.4f, %d live groups; prior: %s", t,
                  ev["val_accuracy"], summ["live_groups"],
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(summ.items())
-                           if "median" in k or "live" in k))
-    self.write_outputs(os.path.join(self.workdir, "iterations", f"t{t:02d}"), state, genotype_obj)
+                           if "median" in k or "live" in k)
+                 + "; gamma*H medians: " + ", ".join(f"{k.replace('/gammaH_q50', '')}={v:.3g}"
+                                                     for k, v in calib.items() if "q50" in k))
+    self.write_outputs(os.path.join(self.workdir, "iterations", f"t{t:02d}"), state, genotype_obj,
+                       {"gamma_prev": gamma_prev, "switches_prev": switches_prev, "h": h})
     metrics_lib.write_prior_histograms(self.writer, pos.global_step, prior, switches)
     metrics_lib.write_picture(self.writer, pos.global_step,
                               os.path.join(self.workdir, "iterations", f"t{t:02d}", "genotype.png"))
@@ -1013,7 +1026,7 @@ class _Runner:
   def derive(self, prior):
     from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
     alive = {t: np.asarray(a) for t, a in jax.device_get(prior.alive).items()}
-    scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    scores = {t: np.asarray(g) for t, g in jax.device_get(prior.score).items()}
     return genotype_lib.derive(self.space, alive, scores,
                                max_ops=int(self.config.genotype.max_ops))
 
@@ -1024,7 +1037,7 @@ class _Runner:
     from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
     prior = jax.device_get(prior)
     alive = {t: np.asarray(a) for t, a in prior.alive.items()}
-    scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    scores = {t: np.asarray(g) for t, g in jax.device_get(prior.score).items()}
     arch = genotype_lib.derive_nb201(self.space, scores, alive)
     out = {"nb201_arch": arch}
     if self._nb201_table is not None:  # loaded at start-up
@@ -1036,8 +1049,14 @@ class _Runner:
         logging.warning("%s", e)
     return out
 
-  def write_outputs(self, folder: str, state, genotype_obj) -> None:
-    """genotype.json, cell pictures, DARTS/NB201 exports and prior.npz into `folder`."""
+  def write_outputs(self, folder: str, state, genotype_obj,
+                    update_inputs: Mapping[str, Any] | None = None) -> None:
+    """genotype.json, cell pictures, DARTS/NB201 exports and prior.npz into `folder`.
+
+    `update_inputs` (``{'gamma_prev', 'switches_prev', 'h'}``, each ``{tau: array}``): what the
+    prior update started from, stored as ``update_inputs/<name>/<tau>`` so that the update can be
+    replayed offline (``bench/curvature_ablation.py``).
+    """
     if not self.is_main:
       return
     from bnas_jax import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
@@ -1046,7 +1065,7 @@ class _Runner:
     genotype_lib.plot(genotype_obj, os.path.join(folder, "genotype"))
     prior = jax.device_get(state["prior"])
     alive = {t: np.asarray(a) for t, a in prior.alive.items()}
-    scores = {t: np.asarray(g) for t, g in jax.device_get(bayes.group_gamma(prior)).items()}
+    scores = {t: np.asarray(g) for t, g in jax.device_get(prior.score).items()}
     survivors = genotype_lib.derive(self.space, alive, scores)
     if survivors != genotype_obj:  # genotype.max_ops capped the cell: keep the uncapped one too
       survivors.save(os.path.join(folder, "genotype_survivors.json"))
@@ -1065,11 +1084,14 @@ class _Runner:
       with open(os.path.join(folder, "nb201_arch.txt"), "w") as f:
         f.write(genotype_lib.derive_nb201(self.space, scores, alive) + "\n")
     arrays = {}
-    for field in ("gamma", "omega", "posterior_variance", "curvature", "alive"):
+    for field in ("gamma", "omega", "posterior_variance", "curvature", "alive", "score"):
       for t, v in getattr(prior, field).items():
         arrays[f"{field}/{t}"] = np.asarray(v)
     for t, v in jax.device_get(state["switches"]).items():
       arrays[f"switches/{t}"] = np.asarray(v)
+    for name, tree in jax.device_get(dict(update_inputs or {})).items():
+      for t, v in tree.items():
+        arrays[f"update_inputs/{name}/{t}"] = np.asarray(v)
     np.savez(os.path.join(folder, "prior.npz"), **arrays)
 
   # ---- main loop --------------------------------------------------------------------------------

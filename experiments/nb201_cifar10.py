@@ -46,16 +46,20 @@ def nb201_config(dataset: str, arg=None):
   if arg in (None, ""):
     return config
   if arg == "cpu":
+    # A protocol for a 2-core CPU (bench/nb201_seeds.py runs it over seeds): a small supernet
+    # (C = 8, one cell per stage), 2 warm-up epochs on 5k images, T = 3 iterations of one epoch on
+    # 10k images, val on a disjoint 2k split.
     config.model.init_channels = 8
     config.model.num_cells = 1
-    config.data.splits.warmup = 1_000
-    config.data.splits.search = 4_000
-    config.data.splits.val = 1_000
-    config.search.iterations = 2
-    config.search.batch_size = 32
-    config.search.eval_batch_size = 100
+    config.data.splits.warmup = 5_000
+    config.data.splits.search = 10_000
+    config.data.splits.val = 2_000
+    config.search.warmup_epochs = 2
+    config.search.iterations = 3
+    config.search.batch_size = 64
+    config.search.eval_batch_size = 200
     config.curvature.num_batches = 4
-    config.checkpoint.every_steps = 100
-    config.log_every_steps = 25
+    config.checkpoint.every_steps = 200
+    config.log_every_steps = 50
     return config
   raise ValueError(f"unknown variant {arg!r} of the NB201 configs; use '' or 'cpu'")

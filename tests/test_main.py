@@ -57,7 +57,7 @@ def test_proxy_config_is_the_official_protocol():
   assert (config.search.switch_lr, config.search.momentum) == (0.1, 0.9)
   assert dict(config.data.splits) == {"warmup": 5_000, "search": 40_000, "val": 5_000}
   assert config.bayes.lambda_origin == config.bayes.lambda_op == 0.01
-  assert search._curvature_scale(config) == 18.0  # pylint: disable=protected-access
+  assert search._curvature_scale(config) == 1.0  # pylint: disable=protected-access
 
 
 def test_misspelt_override_fails_naming_the_field(tmp_path):
