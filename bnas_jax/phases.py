@@ -94,11 +94,17 @@ def _leaf_signature(x: Any) -> Any:
   return type(x).__name__
 
 
+# JAX settings that change the compiled program (a change recompiles every function).
+_PROGRAM_SETTINGS = ("jax_enable_x64", "jax_disable_most_optimizations", "jax_default_matmul_precision")
+
+
 def signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
   """What jit compiles for: the tree structure and each leaf's shape, dtype, weak type and
-  sharding (arrays and `jax.ShapeDtypeStruct` give the same signature); Python scalars by type."""
+  sharding (arrays and `jax.ShapeDtypeStruct` give the same signature; Python scalars by type),
+  and the JAX settings that change the program (x64, most optimizations off, matmul precision)."""
   leaves, treedef = jax.tree_util.tree_flatten(args)
-  return (treedef, tuple(_leaf_signature(x) for x in leaves))
+  settings = tuple(jax.config.values.get(k) for k in _PROGRAM_SETTINGS)
+  return (treedef, tuple(_leaf_signature(x) for x in leaves), settings)
 
 
 class LoggedJit:

@@ -63,6 +63,10 @@ def test_logged_jit_logs_before_each_compilation_and_the_last_time(times_file, c
     assert not _messages(caplog) and compiles.count("jit(unique_fn)") == 1
     f(jnp.ones((4,)))  # a new shape compiles (logged)
     assert _messages(caplog)[0] == "compiling the toy step (tiny) (no earlier time known)"
+    caplog.clear()
+    with jax.default_matmul_precision("highest"):  # another program: compiled and logged
+      f(jnp.ones((4,)))
+    assert _messages(caplog)[0] == "compiling the toy step (tiny) (no earlier time known)"
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert os.path.exists(times_file)
@@ -128,6 +132,7 @@ def test_search_logs_each_compilation_and_the_curvature_progress(tmp_path, caplo
   config.data.data_dir = cifar10_subset_dir
   config.search.warmup_epochs = 0
   config.search.iterations = 1
+  config.search.lr = 0.0321  # enters the step functions: a program no other test builds
   config.lock()
   caplog.set_level(logging.INFO)
   search.run(config, str(tmp_path / "a"))
