@@ -44,6 +44,7 @@ def _run(config: str, workdir: str, seed: int, kind: str, extra: list[str]) -> f
          f"--config.seed={seed}", f"--config.curvature.kind={kind}",
          "--config.progress_bar=False", *extra]
   print("$", " ".join(cmd), flush=True)
+  os.makedirs(os.path.dirname(workdir) or ".", exist_ok=True)
   start = time.perf_counter()
   with open(workdir + ".log", "w") as log:
     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -39,7 +39,7 @@ def get_config(arg=None):
   config.search.eval_batch_size = 4
   config.curvature.num_batches = 2
   config.bayes.prune_mode = "relative"
-  config.bayes.prune_threshold = 0.5  # prunes a few op groups at t = 1 (exercises the mask rebuild)
+  config.bayes.prune_threshold = 0.9  # prunes a few op groups at t = 1 (exercises the mask rebuild)
   config.nb201.dataset = "cifar10"
   config.checkpoint.every_steps = 1
   config.checkpoint.max_to_keep = 2
