@@ -18,7 +18,7 @@ Run::
   python -m bnas_jax.main --config experiments/nb201_cifar10.py --workdir /tmp/bnas/nb201_c10
 
 Variants: ``cpu`` (C = 8, 1 cell per stage, 2 warm-up epochs on 5k, T = 2 on 10k, val 2k, batch 64;
-about 3 min on an idle 2-core CPU; `bench/nb201_seeds.py` runs it over seeds).
+`bench/nb201_seeds.py` runs it over seeds and prints the table the README quotes).
 """
 
 from bnas_jax import search
