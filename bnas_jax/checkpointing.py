@@ -30,6 +30,7 @@ from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bnas_jax import errors
 
@@ -189,6 +190,22 @@ class Checkpointer:
     self._manager.close()
 
 
+def stored_tree(state_dir: str) -> Any:
+  """The stored state's tree of orbax array metadata (shapes, dtypes); no array is read.
+
+  Reads the item folder directly (``<checkpoint>/<index>/state``), which needs no step metadata.
+
+  Raises:
+    whatever orbax raises for a missing or unreadable folder.
+  """
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    meta = handler.metadata(epath.Path(state_dir))
+  finally:
+    handler.close()
+  return getattr(meta, "tree", meta)
+
+
 def _check_stored_shapes(state_dir: str, abstract_state: Any) -> None:
   """Raises ValueError naming the first leaf whose stored shape or presence differs.
 
@@ -196,12 +213,9 @@ def _check_stored_shapes(state_dir: str, abstract_state: Any) -> None:
   check to the restore itself.
   """
   try:
-    with ocp.StandardCheckpointer() as reader:
-      meta = reader.metadata(state_dir)
+    tree = stored_tree(state_dir)
   except Exception:  # pylint: disable=broad-except
     return
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
   if tree is None:
     return
 

@@ -34,8 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from bnas_jax import checkpointing
 from bnas_jax import config_files
@@ -161,12 +159,7 @@ def load(workdir: str, step: int | None = None) -> TrainedNetwork:
 def _stored_abstract_state(directory: str, index: int) -> Any:
   """The stored state's tree of `jax.ShapeDtypeStruct` on the first local device (orbax metadata:
   no array is read)."""
-  handler = ocp.StandardCheckpointHandler()  # reads the item's metadata without a step folder
-  try:
-    meta = handler.metadata(epath.Path(directory) / str(index) / checkpointing.STATE)
-  finally:
-    handler.close()
-  tree = getattr(meta, "tree", meta)
+  tree = checkpointing.stored_tree(os.path.join(directory, str(index), checkpointing.STATE))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
                       tree)
