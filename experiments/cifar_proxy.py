@@ -22,9 +22,11 @@ Deviations from the original code (documented on purpose):
 * gamma = omega = 1 at the start (the original: U(0, 1), spec 4.2; ``--config.bayes.random_init``).
 * Genotype: at most 13 ops per cell, the largest gammas among the survivors
   (``--config.genotype.max_ops=0`` keeps every surviving op). The original derived cells by hand.
-* Curvature: GGN diagonal over 10 batches of the mean loss, times ``bayes.curvature_scale`` (= the
-  batch size 18, i.e. the original's sum-over-batch units), instead of the original's quirky
-  one-batch recursion (spec 6.3).
+* Curvature: GGN diagonal over 10 batches of the mean loss with batch-norm statistics held fixed,
+  H = h / lambda (``bayes.curvature_scale = 1``: the precision of the loss the switches are
+  trained on, see `bnas_jax.search`), instead of the original's quirky one-batch recursion
+  (spec 6.3; ``--config.curvature.kind=recursive`` is the recursion without its bugs, and
+  ``--config.bayes.curvature_scale=-1`` the original's sum-over-batch units).
 
 Variants (``:name``):
 
