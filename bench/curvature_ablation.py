@@ -12,7 +12,8 @@ what the update started from: ``update_inputs/{gamma_prev,switches_prev,h}``), t
 
 and prints, per iteration and variant: the live groups, how many groups are pruned differently
 from the replay, the Spearman correlation of the op-group gammas with the replay's, and the cell
-the variant derives (nb201: the arch string; bayesnas / darts: the surviving ops per cell type).
+the variant derives (nb201: the arch string and its NAS-Bench-201 validation accuracy when the
+table is there; bayesnas / darts: the surviving ops per cell type).
 If the curvature decides, ``median H`` prunes and derives differently.
 
 Usage:
@@ -31,6 +32,7 @@ import numpy as np
 
 from bnas_jax import bayes
 from bnas_jax import genotype as genotype_lib
+from bnas_jax import nb201
 from bnas_jax.search_space import spaces
 
 
@@ -61,9 +63,10 @@ def _median_h(h, alive):
   return out
 
 
-def _cell(space, alive, scores) -> str:
+def _cell(space, alive, scores, table=None) -> str:
   if space.family == "nb201":
-    return genotype_lib.derive_nb201(space, scores, alive)
+    arch = genotype_lib.derive_nb201(space, scores, alive)
+    return arch if table is None else f"{arch} ({table.accuracy(arch):.2f} % NB201 valid)"
   g = genotype_lib.derive(space, alive, scores)
   return "; ".join(f"{t}: {len(getattr(g, t))} ops" + " " + " ".join(
       sorted(f"{op}({src}->{dst})" for dst, src, op in getattr(g, t))) for t in space.cells)
@@ -80,6 +83,12 @@ def main() -> None:
   kw = dict(lambda_origin=b["lambda_origin"], lambda_op=b["lambda_op"],
             prune_threshold=b["prune_threshold"], prune_mode=b["prune_mode"],
             eps_omega=b["eps_omega"], fidelity=b["fidelity"], cells=space.cells)
+  table = None
+  if space.family == "nb201":
+    try:
+      table = nb201.load_table(config["nb201"]["table"], config["nb201"]["dataset"])
+    except (FileNotFoundError, ValueError):
+      pass
   files = sorted(glob.glob(os.path.join(args.workdir, "iterations", "t*", "prior.npz")))
   if not files:
     raise SystemExit(f"no iterations/tNN/prior.npz under {args.workdir}: run a search first")
@@ -112,7 +121,7 @@ def main() -> None:
       live = sum(int(a.sum()) for a in alive.values())
       total = sum(a.size for a in alive.values())
       print(f"  {name:9s} live {live:3d}/{total}  pruned differently {changed:3d}  "
-            f"op-gamma Spearman vs replay {rho:+.3f}  cell {_cell(space, alive, scores)}")
+            f"op-gamma Spearman vs replay {rho:+.3f}  cell {_cell(space, alive, scores, table)}")
 
 
 if __name__ == "__main__":
