@@ -856,7 +856,7 @@ NAMED_GENOTYPES: dict[str, Genotype] = {
                 1: [(("max", "avg", "ident"), _N0)],
                 2: [(("ident", "max"), _K2)],
                 3: [(("sep3", "max"), _K2), (("max",), _N0)]}),
-    # NAS-Bench-201 reference cells (/work/shared/nb201/README.md, reference_numbers.md).
+    # NAS-Bench-201 reference cells (values in the NASLib validation table, see bnas_jax.nb201).
     "nb201_all_skip": from_nb201_string(
         "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|"
         "skip_connect~2|"),

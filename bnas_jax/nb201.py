@@ -6,7 +6,7 @@ exactly one op of ``none``, ``skip_connect``, ``nor_conv_1x1``, ``nor_conv_3x3``
 
 * the standard *arch string* groups the edges by target node j = 1, 2, 3 and lists the sources
   i < j in order: ``|op01~0|+|op02~0|op12~1|+|op03~0|op13~1|op23~2|``;
-* the NASLib benchmark files (``/work/shared/nb201/README.md``) store a 6-tuple of op indices in
+* the NASLib benchmark files (``naslib_nb201_zen_valacc.zip``) store a 6-tuple of op indices in
   edge order (0->1), (0->2), (0->3), (1->2), (1->3), (2->3) with op index 0 = ``skip_connect``,
   1 = ``none``, 2 = ``nor_conv_3x3``, 3 = ``nor_conv_1x1``, 4 = ``avg_pool_3x3``.
 
