@@ -326,6 +326,12 @@ def _load_nb201_table(config: ml_collections.ConfigDict, *, log: bool = True):
   env = os.environ.get(nb201.TABLE_ENV_VAR) or None
   named = config.nb201.table or env
   field = "config.nb201.table" if config.nb201.table else f"${nb201.TABLE_ENV_VAR}"
+  if named is None and str(config.data.name).lower() != config.nb201.dataset.lower():
+    if log:  # the table scores cells trained on its own data set, not on this one
+      logging.warning("NAS-Bench-201 look-ups are off: the search data (config.data.name=%r) is "
+                      "not the table's data set (config.nb201.dataset=%r)", config.data.name,
+                      config.nb201.dataset)
+    return None
   try:
     return nb201.load_table(named, config.nb201.dataset)
   except Exception as e:  # pylint: disable=broad-except  (a bad zip or CSV fails in many ways)

@@ -128,3 +128,19 @@ def test_command_line_misspelt_table_is_one_line_and_exit_2(tmp_path, cifar10_su
       "does not exist; fix the path (a NASLib nb201 zip or an 'arch,accuracy' CSV), or unset it "
       "to search without NAS-Bench-201 look-ups"], proc.stderr[-3000:]
   assert not workdir.exists()
+
+
+def test_nb201_look_ups_are_off_for_other_data_unless_a_table_is_named(
+    tmp_path, cifar10_subset_dir, monkeypatch, caplog):
+  monkeypatch.delenv(nb201.TABLE_ENV_VAR, raising=False)
+  load = search._load_nb201_table  # pylint: disable=protected-access
+  if load(tiny_config(cifar10_subset_dir), log=False) is None:
+    pytest.fail("the default NAS-Bench-201 table did not load (shared/nb201 is part of the setup)")
+  own = tiny_config(cifar10_subset_dir, **{"data.name": "shapes48"})
+  with caplog.at_level(logging.WARNING):
+    assert load(own) is None  # CIFAR-10 accuracies would not score a cell searched on shapes48
+  assert "config.data.name='shapes48'" in caplog.records[-1].getMessage()
+  # A table the user names is still loaded.
+  named = tiny_config(cifar10_subset_dir, **{"data.name": "shapes48",
+                                             "nb201.table": nb201.default_table_path()})
+  assert load(named) is not None
