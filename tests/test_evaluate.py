@@ -19,21 +19,13 @@ import pytest
 
 from bnas_jax import errors
 from bnas_jax import evaluate
-from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import train_eval
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-GENOTYPE = genotype_lib.Genotype(
-    space="darts",
-    normal=((2, 0, "sep_conv_3x3"), (2, 1, "skip_connect"), (3, 1, "max_pool_3x3"),
-            (3, 2, "skip_connect"), (4, 1, "avg_pool_3x3"), (4, 3, "skip_connect"),
-            (5, 1, "skip_connect"), (5, 4, "max_pool_3x3")),
-    reduce=((2, 0, "max_pool_3x3"), (2, 1, "sep_conv_3x3"), (3, 1, "max_pool_3x3"),
-            (3, 2, "skip_connect"), (4, 2, "skip_connect"), (4, 3, "avg_pool_3x3"),
-            (5, 2, "skip_connect"), (5, 4, "skip_connect")),
-    normal_concat=(2, 3, 4, 5), reduce_concat=(2, 3, 4, 5))
+GENOTYPE = helpers.TINY_DARTS_CELL
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +34,8 @@ def trained(tmp_path_factory, cifar10_subset_dir):
   root = tmp_path_factory.mktemp("evaluate")
   geno_path = str(root / "genotype.json")
   GENOTYPE.save(geno_path)
-  c = train_eval.default_config()
-  c.genotype = geno_path
-  c.model.init_channels = 4
-  c.model.num_cells = 2
-  c.data.data_dir = cifar10_subset_dir
-  c.data.num_train = 4000
-  c.data.num_test = 1000
-  c.train.epochs = 2
-  c.train.batch_size = 8
-  c.train.eval_batch_size = 100
-  c.train.max_steps_per_epoch = 3
-  c.train.max_eval_examples = 200
+  c = helpers.tiny_retrain_config(geno_path, cifar10_subset_dir, epochs=2, max_steps_per_epoch=3,
+                                  max_eval_examples=200)
   c.checkpoint.async_save = False
   c.checkpoint.max_to_keep = 5
   c.log_every_steps = 1
@@ -66,19 +48,8 @@ def test_retraining_logs_each_compilation_before_it_starts(tmp_path, cifar10_sub
   caplog.set_level(logging.INFO)
   geno_path = str(tmp_path / "genotype.json")
   GENOTYPE.save(geno_path)
-  c = train_eval.default_config()
-  c.genotype = geno_path
-  c.model.init_channels = 4
-  c.model.num_cells = 2
-  c.data.data_dir = cifar10_subset_dir
-  c.data.num_train = 4000
-  c.data.num_test = 1000
-  c.train.epochs = 1
-  c.train.batch_size = 8
-  c.train.eval_batch_size = 100
-  c.train.max_steps_per_epoch = 1
-  c.train.max_eval_examples = 100
-  c.progress = False
+  c = helpers.tiny_retrain_config(geno_path, cifar10_subset_dir, epochs=1, max_steps_per_epoch=1,
+                                  max_eval_examples=100)
   train_eval.run(c, str(tmp_path / "run"))
   log = [r.getMessage() for r in caplog.records if r.name == "absl"]
   for what in ("state initialisation", "train step", "eval step"):

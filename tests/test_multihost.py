@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 
 from bnas_jax import checkpointing
-from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import search
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
@@ -135,16 +135,7 @@ class TwoProcesses:
 
 
 def tiny_config(data_dir: str):
-  config = config_files.load(TINY).get_config()
-  config.data.data_dir = data_dir
-  for dotted, value in OVERRIDES.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  config.lock()
-  return config
+  return helpers.tiny_search_config(data_dir, OVERRIDES)
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 
 from bnas_jax import checkpointing
-from bnas_jax import config_files
 from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import search
+import helpers
 from bnas_jax.search_space import spaces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,16 +47,7 @@ TWO_DEVICE_OVERRIDES = {"search.warmup_epochs": 0, "search.iterations": 1}
 
 def tiny_config(data_dir: str, **overrides):
   """The experiments/tiny.py config pointed at the lossless subset, with dotted overrides."""
-  config = config_files.load(TINY).get_config()
-  config.data.data_dir = data_dir
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  config.lock()
-  return config
+  return helpers.tiny_search_config(data_dir, overrides)
 
 
 def read_scalar_tags(event_file: str) -> set[str]:

@@ -14,11 +14,11 @@ import sys
 
 import pytest
 
-from bnas_jax import config_files
 from bnas_jax import errors
 from bnas_jax import input_pipeline
 from bnas_jax import nb201
 from bnas_jax import search
+import helpers
 from bnas_jax import train_eval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,16 +26,8 @@ TINY = os.path.join(REPO, "experiments", "tiny.py")
 
 
 def tiny_config(data_dir: str, **overrides):
-  """experiments/tiny.py (nb201 space) on `data_dir`, with dotted overrides."""
-  config = config_files.load(TINY).get_config()
-  config.data.data_dir = data_dir
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """experiments/tiny.py (nb201 space) on `data_dir`, with dotted overrides (unlocked)."""
+  return helpers.tiny_search_config(data_dir, overrides, lock=False)
 
 
 def _refused_before_the_workdir(run, config, workdir, exc, match):

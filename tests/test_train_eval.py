@@ -20,21 +20,13 @@ import pytest
 
 from bnas_jax import config_files
 from bnas_jax import errors
-from bnas_jax import genotype as genotype_lib
 from bnas_jax import input_pipeline
 from bnas_jax import train_eval
+import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = genotype_lib.Genotype(
-    space="darts",
-    normal=((2, 0, "sep_conv_3x3"), (2, 1, "skip_connect"), (3, 1, "max_pool_3x3"),
-            (3, 2, "skip_connect"), (4, 1, "avg_pool_3x3"), (4, 3, "skip_connect"),
-            (5, 1, "skip_connect"), (5, 4, "max_pool_3x3")),
-    reduce=((2, 0, "max_pool_3x3"), (2, 1, "sep_conv_3x3"), (3, 1, "max_pool_3x3"),
-            (3, 2, "skip_connect"), (4, 2, "skip_connect"), (4, 3, "avg_pool_3x3"),
-            (5, 2, "skip_connect"), (5, 4, "skip_connect")),
-    normal_concat=(2, 3, 4, 5), reduce_concat=(2, 3, 4, 5))
+TINY = helpers.TINY_DARTS_CELL
 
 
 def _load_experiment(name):
@@ -42,21 +34,11 @@ def _load_experiment(name):
 
 
 def _tiny_config(data_dir: str, genotype_path: str):
-  c = train_eval.default_config()
-  c.genotype = genotype_path  # a JSON path, as written by a search
-  c.model.init_channels = 4
-  c.model.num_cells = 2  # both cells are reductions: 32 -> 8, aux head on cell 1
-  c.data.data_dir = data_dir
-  c.data.num_train = 4000
-  c.data.num_test = 1000
-  c.train.epochs = 2
-  c.train.batch_size = 8
-  c.train.eval_batch_size = 100
-  c.train.max_steps_per_epoch = 3
-  c.train.max_eval_examples = 200
+  # both cells are reductions: 32 -> 8, aux head on cell 1
+  c = helpers.tiny_retrain_config(genotype_path, data_dir, epochs=2, max_steps_per_epoch=3,
+                                  max_eval_examples=200)
   c.checkpoint.async_save = False
   c.log_every_steps = 1
-  c.progress = False
   return c
 
 
