@@ -225,15 +225,7 @@ def metrics_on_test_set(net: TrainedNetwork, *, data_dir: str | None = None,
     it = input_pipeline.epoch_batches(x, y, batch_size=bs, seed=0, epoch=0, mean=data.mean,
                                       std=data.std, shuffle=False, drop_remainder=False)
   step = jax.jit(functools.partial(train_eval.eval_step, model=net.model))
-  sums = None
-  for batch in it:
-    out = step(net.variables, batch)
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  n = float(sums["count"])
-  return {"test_loss": float(sums["loss"]) / n, "test_accuracy": float(sums["correct"]) / n,
-          "test_top5_accuracy": float(sums["correct5"]) / n,
-          "test_error": 100.0 * (1.0 - float(sums["correct"]) / n), "test_examples": n}
+  return train_eval.test_metrics(functools.partial(step, net.variables), it)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

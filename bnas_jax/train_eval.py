@@ -218,6 +218,25 @@ def train_step(state, batch, drop_prob, *, model, tx, seed: int, aux_weight: flo
           "step": state["step"] + 1}, metrics
 
 
+def test_metrics(eval_fn, batches) -> dict[str, float]:
+  """Test loss, accuracy, top-5 accuracy, error (%) and example count over `batches`.
+
+  Args:
+    eval_fn: ``batch -> {'loss', 'correct', 'correct5', 'count'}`` sums over the batch (e.g.
+      `eval_step` with the variables bound).
+    batches: an iterable of batches.
+  """
+  sums = None
+  for batch in batches:
+    out = eval_fn(batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  n = float(sums["count"])
+  return {"test_loss": float(sums["loss"]) / n, "test_accuracy": float(sums["correct"]) / n,
+          "test_top5_accuracy": float(sums["correct5"]) / n,
+          "test_error": 100.0 * (1.0 - float(sums["correct"]) / n), "test_examples": n}
+
+
 def eval_step(state, batch, *, model):
   """Sums over the (masked) batch: loss, top-1 and top-5 correct, count."""
   logits, _ = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
@@ -487,15 +506,7 @@ class _Trainer:
       it = input_pipeline.epoch_batches(x, y, batch_size=bs, seed=0, epoch=0, mean=d.mean,
                                         std=d.std, shuffle=False, drop_remainder=False,
                                         sharding=self.batch_sharding)
-    sums = None
-    for batch in it:
-      out = self.eval_step(state, batch)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    n = float(sums["count"])
-    return {"test_loss": float(sums["loss"]) / n, "test_accuracy": float(sums["correct"]) / n,
-            "test_top5_accuracy": float(sums["correct5"]) / n,
-            "test_error": 100.0 * (1.0 - float(sums["correct"]) / n), "test_examples": n}
+    return test_metrics(functools.partial(self.eval_step, state), it)
 
   # ---- loop -------------------------------------------------------------------------------------
 
