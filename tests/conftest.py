@@ -64,3 +64,12 @@ def cifar10_bin_dir(data_cache_dir, shared_dir) -> str:
 def cifar10_subset_dir(data_cache_dir, shared_dir) -> str:
   """Path of the lossless 4,000/1,000 CIFAR-10 subset in the binary layout."""
   return input_pipeline.build_cifar10_subset_from_shared(data_cache_dir, shared_dir)
+
+
+@pytest.fixture(scope='module')
+def fast_compile():
+  """Cheaper XLA compilation for one test module (numerics unchanged up to float rounding)."""
+  old = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

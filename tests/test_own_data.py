@@ -14,7 +14,6 @@ import json
 import os
 import struct
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -142,14 +141,6 @@ def test_prior_histograms_picture_and_hparams_are_in_the_event_file(tmp_path):
   assert "hparams" in set().union(*tags.values())
   assert tags["final/val_accuracy"] == tags["final/nb201_accuracy"] == {"scalar"}
   assert metrics_lib.hparams_of(config)["data.seed"] == 0
-
-
-@pytest.fixture(scope="module")
-def fast_compile():
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
 
 
 def test_search_and_retraining_on_own_data_end_to_end(own_npz, tmp_path, fast_compile):

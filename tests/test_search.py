@@ -70,15 +70,6 @@ def read_scalar_tags(event_file: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def fast_compile():
-  """Cheaper XLA compilation for this module (numerics unchanged up to float rounding)."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
-@pytest.fixture(scope="module")
 def two_device_run(tmp_path_factory, cifar10_subset_dir, data_cache_dir):
   """Starts the 2-device tiny search in a subprocess (collected by `test_two_devices_...`)."""
   workdir = str(tmp_path_factory.mktemp("two_devices"))
