@@ -1,4 +1,4 @@
-"""Tests of the candidate ops (bnas_jax.search_space.ops) and conv primitives (bnas_jax.models.layers)."""
+"""Tests of the candidate ops (bnas_jax.models.ops) and conv primitives (bnas_jax.models.layers)."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from bnas_jax.models import layers
-from bnas_jax.search_space import ops as ops_lib
+from bnas_jax.models import ops as ops_lib
 from bnas_jax.search_space import spaces
 
 C = 8
@@ -51,9 +51,9 @@ def test_every_space_op_is_registered():
   assert "none" in ops_lib.OPS["darts"] and "none" in ops_lib.OPS["nb201"]
 
 
-def _n_params(family, name, c, stride, c_in=None, **kw):
+def _n_params(family, name, c, stride, c_in=None, **options):
   x = jnp.zeros((2, 8, 8, c_in or c))
-  m = ops_lib.get_op(family, name, c, stride, **kw)
+  m = ops_lib.get_op(family, name, c, stride, ops_lib.OpOptions(**options))
   v = jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=True))
   return _count(v.get("params", {}))
 

@@ -19,7 +19,7 @@ reduction cells at ``L // 3`` and ``2 L // 3`` (channels doubled there), so CIFA
 6 N, R, 6 N, R, 6 N and ImageNet L = 14 is 4 N, R, 4 N, R, 4 N. ImageNet uses the DARTS ImageNet stem
 (two stride-2 convs to 56x56 feed c_{k-2}, one more stride-2 conv feeds c_{k-1} at 28x28).
 
-The candidate ops come from the shared registry `bnas_jax.search_space.ops.OPS[family][name]`, so
+The candidate ops come from the shared registry `bnas_jax.models.ops.OPS[family][name]` (`ops.get_op`), so
 search and evaluation use one definition. Eval-only pieces (stems, cell-input preprocessing, heads,
 drop path, channel dropout) live here.
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from bnas_jax import genotype as genotype_lib
 from bnas_jax.models import layers
-from bnas_jax.search_space import ops as ops_lib
+from bnas_jax.models import ops as ops_lib
 
 # Released BayesNAS models whose c_{k-2} preprocessing after a reduction is the factorised reduce
 # (CNN/pre_trained/0.005/OneShot.py, CReduct(size_reduct=True)); all others use one 1x1 stride-2 conv.
@@ -155,24 +155,14 @@ def _preprocess(family: str, channels: int, reduce: bool, prev_reduce: str,
   CReduct (shared op; its 1x1 stride-2 conv when `reduce`) or `FactorizedCReduct`."""
   if family == "darts":
     op = "factorized_reduce" if reduce else "relu_conv_bn"
-    return ops_lib.OPS["darts"][op](channels, 1, name=name)
+    return ops_lib.get_op("darts", op, channels, 2 if reduce else 1, module_name=name)
   if reduce and prev_reduce == "factorized":
     return FactorizedCReduct(channels, name=name)
-  # The shared CReduct (OPS['bayesnas']['creduct']); built directly so that it carries `name`.
-  return ops_lib.CReduct(channels, reduce_input=reduce, name=name)
+  return ops_lib.get_op("bayesnas", "creduct", channels, 2 if reduce else 1, module_name=name)
 
 
 # --------------------------------------------------------------------------------------------------
 # Cells.
-
-
-def _make_op(family: str, name: str, channels: int, stride: int, dw_impl: str) -> nn.Module:
-  try:
-    factory = ops_lib.OPS[family][name]
-  except KeyError:
-    known = sorted(ops_lib.OPS.get(family, {}))
-    raise ValueError(f"genotype op {name!r} is not in OPS[{family!r}] (known: {known})") from None
-  return factory(channels, stride, dw_impl=dw_impl)
 
 
 class _Edge(nn.Module):
@@ -186,7 +176,8 @@ class _Edge(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool, drop_prob):
-    y = _make_op(self.family, self.op, self.channels, self.stride, self.dw_impl)(x, train=train)
+    y = ops_lib.get_op(self.family, self.op, self.channels, self.stride,
+                       ops_lib.OpOptions(dw_impl=self.dw_impl))(x, train=train)
     is_identity = self.op in ("skip_connect", "ident") and self.stride == 1
     if train and drop_prob is not None and self.drop_mode != "none":
       if self.drop_mode == "path" and not is_identity:  # DARTS: identity is never dropped

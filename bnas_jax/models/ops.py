@@ -1,7 +1,8 @@
 """Candidate operations of the three search spaces, as flax.linen modules (NHWC).
 
-One registry ``OPS[family][name]`` of factories ``(channels, stride, **kw) -> nn.Module``; the module
-is called as ``m(x, train=...)`` with ``x: f32[B, H, W, C_in]`` and returns ``f32[B, H', W', C]``
+One registry ``OPS[family][name]`` of factories ``(channels, stride, options, name) -> nn.Module``
+(`OpOptions`: the network's BN affinity and conv implementations), looked up through `get_op`; the
+module is called as ``m(x, train=...)`` with ``x: f32[B, H, W, C_in]`` and returns ``f32[B, H', W', C]``
 (``H' = ceil(H / stride)`` for the 32/16/8 CIFAR sizes).
 
 Families:
@@ -13,7 +14,7 @@ Families:
 * ``'darts'`` (``quark0/darts`` ``operations.py``): ReLU-Conv-BN ops, ``none`` (Zero),
   ``avg_pool_3x3`` (``count_include_pad=False``), ``max_pool_3x3``, ``skip_connect`` (identity, or
   FactorizedReduce at stride 2), ``sep_conv_{3x3,5x5}``, ``dil_conv_{3x3,5x5}``; helpers
-  ``relu_conv_bn`` and ``factorized_reduce``. Keyword ``affine`` (default True, as in the evaluation
+  ``relu_conv_bn`` and ``factorized_reduce``. ``OpOptions.affine`` (default True, as in the evaluation
   networks; the DARTS search network uses False).
 * ``'nb201'`` (NAS-Bench-201 / AutoDL ``cell_operations.py``): ``none``, ``skip_connect``,
   ``nor_conv_1x1``, ``nor_conv_3x3`` (ReLU-Conv-BN; AutoDL gives the conv a bias iff ``affine`` is
@@ -30,7 +31,9 @@ Batch norm uses batch statistics when ``train=True`` (running averages are updat
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -402,112 +405,145 @@ class ResNetBasicBlock(nn.Module):
 # Registry.
 
 
-def _no_params(factory):
-  """Parameter-free ops accept (and ignore) the keywords of the ops with parameters."""
+@dataclasses.dataclass(frozen=True)
+class OpOptions:
+  """Build options a network passes to every candidate op; each op reads only those it has.
 
-  def f(channels, stride, **kw):
-    del channels
-    kw.pop("affine", None)
-    kw.pop("dw_impl", None)
-    return factory(stride, **kw)
-
-  return f
-
-
-def _pool(kind, **pool_kw):
-  """A pool factory that passes the network's depthwise impl on (see `Pool.impl`)."""
-
-  def f(channels, stride, dw_impl="shift", **kw):
-    return _no_params(lambda s, **k: Pool(kind, s, impl=dw_impl, **pool_kw, **k))(
-        channels, stride, **kw)
-
-  return f
+  Attributes:
+    affine: learnable BN scale and bias in the DARTS / NAS-Bench-201 ops (their search networks use
+      False, the evaluation networks True); the BayesNAS ops have no such option.
+    dw_impl: depthwise-conv and pool implementation (`bnas_jax.models.layers.depthwise_conv`).
+    conv_impl: dense k x k conv implementation (`bnas_jax.models.layers.conv`) of the ops in
+      `DENSE_CONV_OPS`.
+  """
+  affine: bool = True
+  dw_impl: str = "shift"
+  conv_impl: str = "lax"
 
 
-def _bayes_ident(channels, stride, **kw):
-  kw.pop("dw_impl", None)
-  return BIdent(channels, stride, **kw)
+# A factory builds one op: ``factory(channels, stride, options, name) -> nn.Module``.
+OpFactory = Callable[[int, int, OpOptions, Optional[str]], nn.Module]
 
 
-def _bayes_dil(k):
-  def f(channels, stride, conv_impl="lax", **kw):
-    kw.pop("dw_impl", None)
-    return BDilConv(channels, k, stride, conv_impl=conv_impl, **kw)
-  return f
+def _zero(channels, stride, options, name):
+  del channels, options
+  return Zero(stride, name=name)
 
 
-def _darts_skip(channels, stride, affine=True, **kw):
-  kw.pop("dw_impl", None)
+def _pool(kind, channels, stride, options, name, **pool_kw):
+  """3 x 3 pool; the network's depthwise impl also picks the pool impl (see `Pool.impl`)."""
+  del channels
+  return Pool(kind, stride, impl=options.dw_impl, name=name, **pool_kw)
+
+
+def _bayes_sep(k, channels, stride, options, name):
+  return BSepConv(channels, k, stride, options.dw_impl, name=name)
+
+
+def _bayes_dil(k, channels, stride, options, name):
+  return BDilConv(channels, k, stride, options.conv_impl, name=name)
+
+
+def _bayes_ident(channels, stride, options, name):
+  del options
+  return BIdent(channels, stride, name=name)
+
+
+def _creduct(channels, stride, options, name):
+  del options  # stride 2 = with the 1 x 1 stride-2 conv on the input (spec 2.3)
+  return CReduct(channels, reduce_input=(stride == 2), name=name)
+
+
+def _skip(style, channels, stride, options, name):
+  """Identity at stride 1, else the style's FactorizedReduce (AutoDL: conv bias iff not affine)."""
   if stride == 1:
-    return Identity(**kw)
-  return FactorizedReduce(channels, affine, "darts", False, **kw)
+    return Identity(name=name)
+  return FactorizedReduce(channels, options.affine, style,
+                          style == "nb201" and not options.affine, name=name)
 
 
-def _nb201_skip(channels, stride, affine=True, **kw):
-  kw.pop("dw_impl", None)
-  if stride == 1 and kw.pop("c_in", channels) == channels:
-    return Identity(**kw)
-  return FactorizedReduce(channels, affine, "nb201", not affine, **kw)
+def _factorized_reduce(style, channels, stride, options, name):
+  del stride  # always stride 2
+  return FactorizedReduce(channels, options.affine, style,
+                          style == "nb201" and not options.affine, name=name)
 
 
-def _nb201_conv(k):
-  def f(channels, stride, affine=True, conv_impl="lax", **kw):
-    kw.pop("dw_impl", None)
-    return ReLUConvBN(channels, k, stride, k // 2, affine, not affine, conv_impl=conv_impl, **kw)
-  return f
+def _relu_conv_bn(k, padding, bias_if_not_affine, channels, stride, options, name):
+  return ReLUConvBN(channels, k, stride, padding, options.affine,
+                    bias_if_not_affine and not options.affine, options.conv_impl, name=name)
 
 
-# Candidate ops with a dense k x k convolution: their factories take ``conv_impl``
+def _darts_sep(k, padding, channels, stride, options, name):
+  return SepConv(channels, k, stride, padding, options.affine, options.dw_impl, name=name)
+
+
+def _darts_dil(k, padding, channels, stride, options, name):
+  return DilConv(channels, k, stride, padding, 2, options.affine, options.dw_impl, name=name)
+
+
+def _resnet_block(channels, stride, options, name):
+  return ResNetBasicBlock(channels, stride, options.affine, name=name)
+
+
+P = functools.partial
+
+# Candidate ops with a dense k x k convolution: they use ``OpOptions.conv_impl``
 # (`layers.conv`; the supernet's edge loop uses 'im2col' on CPU).
 DENSE_CONV_OPS = {"bayesnas": ("dil3", "dil5"), "nb201": ("nor_conv_3x3",)}
 
-OPS: dict[str, dict[str, Callable[..., nn.Module]]] = {
+OPS: dict[str, dict[str, OpFactory]] = {
     "bayesnas": {
-        "sep3": lambda c, s, **kw: BSepConv(c, 3, s, **kw),
-        "sep5": lambda c, s, **kw: BSepConv(c, 5, s, **kw),
-        "dil3": _bayes_dil(3),
-        "dil5": _bayes_dil(5),
-        "max": _pool("max", zero_pad_max=True),
-        "avg": _pool("avg", count_include_pad=True),
+        "sep3": P(_bayes_sep, 3),
+        "sep5": P(_bayes_sep, 5),
+        "dil3": P(_bayes_dil, 3),
+        "dil5": P(_bayes_dil, 5),
+        "max": P(_pool, "max", zero_pad_max=True),
+        "avg": P(_pool, "avg", count_include_pad=True),
         "ident": _bayes_ident,
-        # stride 2 = with the 1x1 stride-2 conv on the input (spec 2.3).
-        "creduct": lambda c, s, **kw: CReduct(c, reduce_input=(s == 2)),
+        "creduct": _creduct,
     },
     "darts": {
-        "none": _no_params(lambda s, **kw: Zero(s, **kw)),
-        "avg_pool_3x3": _pool("avg", count_include_pad=False),
-        "max_pool_3x3": _pool("max"),
-        "skip_connect": _darts_skip,
-        "sep_conv_3x3": lambda c, s, affine=True, **kw: SepConv(c, 3, s, 1, affine, **kw),
-        "sep_conv_5x5": lambda c, s, affine=True, **kw: SepConv(c, 5, s, 2, affine, **kw),
-        "dil_conv_3x3": lambda c, s, affine=True, **kw: DilConv(c, 3, s, 2, 2, affine, **kw),
-        "dil_conv_5x5": lambda c, s, affine=True, **kw: DilConv(c, 5, s, 4, 2, affine, **kw),
-        # Helpers (kernel_size/padding keywords for relu_conv_bn; DARTS preprocessing is 1x1).
-        "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
-            c, kernel_size, s, padding, affine, False, **kw),
-        "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
-            c, affine, "darts", False, **kw),
+        "none": _zero,
+        "avg_pool_3x3": P(_pool, "avg", count_include_pad=False),
+        "max_pool_3x3": P(_pool, "max"),
+        "skip_connect": P(_skip, "darts"),
+        "sep_conv_3x3": P(_darts_sep, 3, 1),
+        "sep_conv_5x5": P(_darts_sep, 5, 2),
+        "dil_conv_3x3": P(_darts_dil, 3, 2),
+        "dil_conv_5x5": P(_darts_dil, 5, 4),
+        # Helpers: the DARTS preprocessing 1 x 1 ReLUConvBN and FactorizedReduce.
+        "relu_conv_bn": P(_relu_conv_bn, 1, 0, False),
+        "factorized_reduce": P(_factorized_reduce, "darts"),
     },
     "nb201": {
-        "none": _no_params(lambda s, **kw: Zero(s, **kw)),
-        "skip_connect": _nb201_skip,
-        "nor_conv_1x1": _nb201_conv(1),
-        "nor_conv_3x3": _nb201_conv(3),
-        "avg_pool_3x3": _pool("avg", count_include_pad=False),
-        "relu_conv_bn": lambda c, s, affine=True, kernel_size=1, padding=0, **kw: ReLUConvBN(
-            c, kernel_size, s, padding, affine, not affine, **kw),
-        "factorized_reduce": lambda c, s, affine=True, **kw: FactorizedReduce(
-            c, affine, "nb201", not affine, **kw),
-        "resnet_basic_block": lambda c, s, affine=True, **kw: ResNetBasicBlock(c, s, affine),
+        "none": _zero,
+        "skip_connect": P(_skip, "nb201"),
+        "nor_conv_1x1": P(_relu_conv_bn, 1, 0, True),
+        "nor_conv_3x3": P(_relu_conv_bn, 3, 1, True),
+        "avg_pool_3x3": P(_pool, "avg", count_include_pad=False),
+        "relu_conv_bn": P(_relu_conv_bn, 1, 0, True),
+        "factorized_reduce": P(_factorized_reduce, "nb201"),
+        "resnet_basic_block": _resnet_block,
     },
 }
 
 
-def get_op(family: str, name: str, channels: int, stride: int, **kw) -> nn.Module:
-  """``OPS[family][name](channels, stride, **kw)`` with clear errors for unknown names.
+def get_op(family: str, name: str, channels: int, stride: int,
+           options: OpOptions = OpOptions(), *, module_name: Optional[str] = None) -> nn.Module:
+  """The op ``OPS[family][name]`` with `channels` outputs and `stride`: the one op lookup of the
+  supernet and the evaluation networks.
+
+  Args:
+    family: op family (``'bayesnas'``, ``'darts'``, ``'nb201'``).
+    name: op name within the family.
+    channels: output channels.
+    stride: 1 or 2.
+    options: the network's build options (`OpOptions`).
+    module_name: the flax module name (default: flax's automatic name).
 
   Raises:
-    ValueError: unknown family or op name, or a stride other than 1 or 2.
+    ValueError: unknown family or op name (the message lists the known ones), or a stride other
+      than 1 or 2.
   """
   if family not in OPS:
     raise ValueError(f"unknown op family {family!r}; choose one of {sorted(OPS)}")
@@ -516,4 +552,4 @@ def get_op(family: str, name: str, channels: int, stride: int, **kw) -> nn.Modul
                      f"{sorted(OPS[family])}")
   if stride not in (1, 2):
     raise ValueError(f"stride must be 1 or 2, got {stride}")
-  return OPS[family][name](channels, stride, **kw)
+  return OPS[family][name](channels, stride, options, module_name)

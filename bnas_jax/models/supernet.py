@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnas_jax.models import layers
-from bnas_jax.search_space import ops as ops_lib
+from bnas_jax.models import ops as ops_lib
 from bnas_jax.search_space import spaces
 
 Array = jax.Array
@@ -129,14 +129,14 @@ class EdgeOps(nn.Module):
   """The candidate ops of one edge: ``sum_k s_k * op_k(s_origin * x)`` (spec 2.1).
 
   Attributes:
-    family: op family (`bnas_jax.search_space.ops.OPS`).
+    family: op family (`bnas_jax.models.ops.OPS`).
     op_names: the space's candidate op names, in switch order.
     channels: C.
     stride: 1, or 2 for the input edges of a reduction cell.
     alive_ops: static per-op mask (None: all); ops that are not alive are not built or computed
       outside ``init``.
     affine, dw_impl: passed to the ops.
-    conv_impl: `layers.conv` impl of the dense k x k convs (`ops.DENSE_CONV_OPS`).
+    conv_impl: `layers.conv` impl of the dense k x k convs (`ops.DENSE_CONV_OPS`; the other ops ignore it).
   """
   family: str
   op_names: tuple[str, ...]
@@ -153,6 +153,7 @@ class EdgeOps(nn.Module):
     ``f32[B, 1 + K]`` (origin first)."""
     bc = (lambda v: v) if s.ndim == 1 else (lambda v: v[:, None, None, None])
     x = x * bc(s[..., 0])
+    options = ops_lib.OpOptions(self.affine, self.dw_impl, self.conv_impl)
     out = None
     for k, name in enumerate(self.op_names):
       if name == "none":  # Zero: contributes exactly 0 and has no parameters.
@@ -160,13 +161,8 @@ class EdgeOps(nn.Module):
       if (self.alive_ops is not None and not self.alive_ops[k]
           and not self.is_initializing()):
         continue
-      kw = {"dw_impl": self.dw_impl}
-      if self.family != "bayesnas":
-        kw["affine"] = self.affine
-      if name in ops_lib.DENSE_CONV_OPS.get(self.family, ()):
-        kw["conv_impl"] = self.conv_impl
-      y = ops_lib.OPS[self.family][name](self.channels, self.stride, name=name, **kw)(
-          x, train=train)
+      y = ops_lib.get_op(self.family, name, self.channels, self.stride, options,
+                         module_name=name)(x, train=train)
       if self.family == "darts" and "pool" in name:
         y = ops_lib.BatchNorm(False, name=f"{name}_bn")(y, train=train)
       term = y * bc(s[..., 1 + k])

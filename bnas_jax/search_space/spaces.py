@@ -78,7 +78,7 @@ class SearchSpace:
 
   Attributes:
     name: registry name (``bayesnas``, ``darts``, ``nb201``).
-    family: which op definitions to use (key of ``bnas_jax.search_space.ops.OPS``).
+    family: which op definitions to use (key of ``bnas_jax.models.ops.OPS``).
     ops: the candidate ops carrying a switch, in switch order (axis 2 index 1..). The "zero" op is
       never listed: an edge is zero when its origin switch is pruned (spec 3.1-3.3).
     cells: cell topology per cell type, e.g. ``{'normal': ..., 'reduce': ...}``; nb201 has only
