@@ -566,3 +566,17 @@ def test_from_json_rejects_a_non_object_and_save_uses_the_usual_mode(tmp_path):
   umask = os.umask(0)
   os.umask(umask)
   assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_register_adds_a_name_and_refuses_a_clash():
+  g = G.from_nb201_string("|nor_conv_3x3~0|+|skip_connect~0|nor_conv_1x1~1|+|skip_connect~0|"
+                          "nor_conv_3x3~1|avg_pool_3x3~2|")
+  name = "test_register_nb201_cell"
+  try:
+    G.register(name, g)
+    assert G.get_genotype(name) == g and G.load_genotype(name) == g
+    G.register(name, g)  # the same genotype again: allowed
+    with pytest.raises(ValueError, match="already registered"):
+      G.register(name, G.get_genotype("nb201_all_skip"))
+  finally:
+    G.NAMED_GENOTYPES.pop(name, None)
