@@ -580,3 +580,18 @@ def test_register_adds_a_name_and_refuses_a_clash():
       G.register(name, G.get_genotype("nb201_all_skip"))
   finally:
     G.NAMED_GENOTYPES.pop(name, None)
+
+
+def test_plot_cli_draws_names_json_files_and_nb201_strings(tmp_path, capsys):
+  from bnas_jax.genotype import __main__ as cli  # pylint: disable=import-outside-toplevel
+  arch = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_1x1~0|nor_conv_3x3~1|skip_connect~2|"
+  (tmp_path / "arch.txt").write_text(arch + "\n")
+  G.get_genotype("darts_v2").save(str(tmp_path / "g.json"))
+  assert cli.resolve(arch) == G.from_nb201_string(arch)
+  assert cli.resolve(str(tmp_path / "arch.txt")) == G.from_nb201_string(arch)
+  assert cli.resolve(str(tmp_path / "g.json")) == G.get_genotype("darts_v2")
+  assert cli.main(["bayesnas_0.01", "--out", str(tmp_path / "pic")]) == 0
+  assert (tmp_path / "pic.png").stat().st_size > 0 and (tmp_path / "pic.svg").stat().st_size > 0
+  assert cli.main(["no_such_cell", "--out", str(tmp_path / "x")]) == 2
+  assert "not a registered genotype" in capsys.readouterr().err
+  assert not (tmp_path / "x.png").exists()
