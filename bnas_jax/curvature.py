@@ -81,9 +81,8 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 Batch = Mapping[str, jax.Array]
 
-# Measured (bench/bench_curvature.py, bayesnas 5 cells C=8 batch 32, 320 switches, loaded 2-core CPU):
-# ggn_fast 8.3 training steps per batch, i.e. ~6 % of a 1406-step search epoch for M = 10 batches;
-# the exact GGN needs 320 JVPs or VJPs per batch (issue 4: ~50 steps), fisher ~0.5 steps (noisier).
+# The default: C vector-Jacobian products per batch (C = classes) give the exact per-example GGN
+# diagonal; the exact batch GGN needs one product per switch; costs in bench/bench_curvature.py.
 DEFAULT_CURVATURE = "ggn_fast"
 
 

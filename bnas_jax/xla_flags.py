@@ -1,26 +1,16 @@
-"""JAX/XLA compilation settings (GitHub issue 3, item 6): measured on CPU, used on every backend.
+"""JAX/XLA compilation settings: the persistent compilation cache, on every backend.
 
-Compiling the supernet step dominates short CPU runs (every test, and the search after each pruning
-step, pays it). What was measured (bayesnas, 5 cells, C = 8, batch 32, forward + backward + SGD on
-2 shared cores; `bench/bench_supernet.py`):
+Compiling the supernet step dominates short runs (every test, and the search after each pruning
+step, pays it), on CPU and on GPU alike (on a GPU the first step also autotunes every convolution
+shape). The persistent compilation cache removes the compile when the same program is compiled
+again: re-runs of a test, a resumed search, the same pruning mask in a later process.
 
-* XLA flags did not help enough to be switched on: ``--xla_backend_optimization_level=0`` cut the
-  compile 144 s -> 84 s but made the step 3.6x slower (4.9 s -> 17.7 s);
-  ``--xla_llvm_disable_expensive_passes``, ``--xla_cpu_use_fusion_emitters=false``,
-  ``--xla_cpu_parallel_codegen_split_count=1`` and disabling the YNNPACK reduction fusions
-  (``--xla_cpu_experimental_ynn_fusion_type=``) were within noise or slower (a 2-cell screen).
-* ``--xla_cpu_experimental_onednn_custom_call=true`` left ``feature_group_count`` (depthwise)
-  convolutions as slow as before (5 x 5 on f32[32, 32, 32, 64]: 107 ms forward, 237 ms kernel
-  gradient, against 3.5 ms / 72 ms for the shift-and-multiply form).
-* The persistent compilation cache removes the compile entirely when the same program is compiled
-  again (re-runs of a test, a resumed search, the same pruning mask in a later process).
+XLA flags were screened on CPU and none is switched on: the ones that shorten the compile
+(optimisation level 0) slow the step down far more, and the rest (LLVM expensive passes, fusion
+emitters, codegen split count, YNNPACK fusions, the oneDNN custom call for grouped convolutions)
+were within noise or slower. The figures are in docs/performance.md.
 
-So `configure_cache` only enables the persistent cache. Call it before the first compilation.
-
-On GPU compilation is just as slow: on an H200 (jax 0.11.2) the official supernet's warm-up step
-took about 3 min to compile (XLA passes, then cuDNN autotuning of every convolution shape), the
-search step about 1 min and the validation step about 40 s, against 61 ms per training step. The
-cache is therefore enabled on every backend: a resumed GPU run skips those minutes.
+`configure_cache` only enables the persistent cache. Call it before the first compilation.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Convolution, pooling and batch-norm primitives tuned for XLA on CPU (NHWC layout).
 
-Why these exist (GitHub issue 3): on CPU, XLA lowers a depthwise convolution written as
-``lax.conv_general_dilated(..., feature_group_count=C)`` to a very slow loop (a 5-cell, C = 8 DARTS
-step took 9.2 s against 1.5-2 s in PyTorch). Here
+Why these exist: on CPU, XLA lowers a depthwise convolution written as
+``lax.conv_general_dilated(..., feature_group_count=C)`` to a slow loop, and the gradients of
+``lax.reduce_window`` pools to slow select-and-scatter kernels (figures: docs/performance.md and
+``bench/bench_depthwise.py``). Here
 
 * a depthwise k x k convolution is a sum of k*k shifted (strided) slices of the padded input, each
   multiplied by one per-channel weight vector ("shift and multiply"). XLA fuses the slices, products
@@ -96,12 +97,9 @@ DW_IMPLS = ("auto", "shift_vjp", "shift", "scan", "patches", "lax")
 def resolve_dw_impl(impl: str, platform: str | None = None) -> str:
   """The depthwise implementation that ``impl`` names on `platform`.
 
-  ``'auto'`` picks the fastest measured training step: ``'shift_vjp'`` on CPU (this 2-core machine,
-  ``bench/bench_depthwise.py`` and ``bench/bench_supernet.py``) and ``'lax'`` (cuDNN / the TPU
-  convolution unit) elsewhere. On an H200, forward + backward of the official supernet's depthwise
-  shapes (f32[18, 32, 32, 144] ... f32[18, 8, 8, 576], k = 3 and 5) summed to 1.24 ms for
-  ``'lax'``, 1.81 ms for ``'shift'`` and 2.35 ms for ``'shift_vjp'``. Other names are returned
-  unchanged.
+  ``'auto'`` picks the implementation with the fastest training step on the backend
+  (``bench/bench_depthwise.py``, ``bench/bench_supernet.py``): ``'shift_vjp'`` on CPU and ``'lax'``
+  (cuDNN / the TPU convolution unit) elsewhere. Other names are returned unchanged.
 
   Args:
     impl: one of `DW_IMPLS`.
@@ -129,18 +127,13 @@ def depthwise_conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0
     stride, padding, dilation: as in PyTorch (symmetric zero padding).
     impl: ``'shift_vjp'`` ('shift' forward with a custom VJP: the input gradient is the same
       shift-and-multiply with the flipped kernel on the zero-interleaved cotangent, the kernel
-      gradient one `lax.scan` over the taps; the fastest step and compile on CPU and about 40 %
-      less activation memory; reverse-mode AD only, no jvp. For f32[32, 32, 32, 64] and a 5 x 5
-      kernel its input gradient takes 5.6 ms against 20.9 ms for the transpose of 'shift', whose
-      k*k pads XLA cannot fuse well), ``'shift'`` (sum of k*k shifted slices
-      times per-channel weights; every AD mode),
-      ``'scan'`` (the same as a `lax.scan` over the taps: smaller graph, faster compile),
-      ``'patches'`` (the k*k slices stacked, then one multiply-reduce; slower, kept for benchmarks)
-      ``'lax'`` (``lax.conv_general_dilated`` with ``feature_group_count=C``; the reference and
-      the fastest on GPU) or ``'auto'`` (`resolve_dw_impl`: 'shift_vjp' on CPU, else 'lax').
-      Measured on this 2-core CPU for f32[32, 32, 32, 64] and a 5 x 5 kernel, forward + backward:
-      'shift' 161 ms, 'scan' 292 ms, 'patches' 567 ms. Of 'shift', the forward pass is 9 ms, the
-      input gradient 28 ms and the kernel gradient (k*k reductions over B, H, W) about 125 ms.
+      gradient one `lax.scan` over the taps; reverse-mode AD only, no jvp; the transpose of
+      'shift' would be k*k pads that XLA cannot fuse well), ``'shift'`` (sum of k*k shifted
+      slices times per-channel weights; every AD mode), ``'scan'`` (the same as a `lax.scan` over
+      the taps: a smaller graph), ``'patches'`` (the k*k slices stacked, then one
+      multiply-reduce; kept for benchmarks), ``'lax'`` (``lax.conv_general_dilated`` with
+      ``feature_group_count=C``; the reference, and the choice on GPU) or ``'auto'``
+      (`resolve_dw_impl`: 'shift_vjp' on CPU, else 'lax').
 
   Returns:
     f32[B, H_out, W_out, C].
@@ -197,8 +190,8 @@ def _dsv_bwd(stride, padding, dilation, res, ct):
   ho, wo = ct.shape[1:3]
   # Input gradient: the transposed convolution is a stride-1 correlation of the cotangent
   # (zero-interleaved for stride > 1, zero-padded) with the flipped kernel: k*k slices of one
-  # padded buffer, like the forward pass (3-6x faster on CPU than transposing the slices, which
-  # gives k*k pads; `bench/bench_depthwise.py`).
+  # padded buffer, like the forward pass (transposing the slices instead would give k*k pads,
+  # which XLA:CPU fuses badly; `bench/bench_depthwise.py`).
   ctp = _transposed_pad(ct, (h, w), k, stride, padding, dilation)
   dx = _depthwise_shift(ctp, kernel[::-1, ::-1], 1, 0, dilation)
   xp = _pad_hw(x, padding)
@@ -253,10 +246,9 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, dilation
   Args:
     impl: ``'lax'`` (`lax.conv_general_dilated`) or ``'im2col'`` (the k * k shifted windows
       concatenated along channels, then one matrix product with the ``[k * k * Ci, Co]`` kernel).
-      XLA:CPU runs a convolution inside a loop body (the supernet's `lax.scan` over edges) about
-      6x slower than outside one; the matrix product does not slow down there (a 5 x 5 dilated
-      conv on f32[32, 32, 32, 8], 8 edges, fwd + bwd: 794 ms as a looped convolution, 127 ms as a
-      looped im2col, 125 ms as unrolled convolutions). Outside loops 'lax' is faster.
+      XLA:CPU runs a convolution inside a loop body (the supernet's `lax.scan` over edges) much
+      more slowly than outside one, while the matrix product keeps its speed there
+      (docs/performance.md). Outside loops 'lax' is the better choice.
 
   Raises:
     ValueError: on a kernel/input channel mismatch or an unknown `impl`.
@@ -349,17 +341,14 @@ def max_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
   `pad_value` = -inf reproduces ``nn.MaxPool2d(k, s, p)``; 0.0 reproduces the BayesNAS op
   (zero padding, then a max pool; spec 2.1).
 
-  On XLA:CPU the gradient of `lax.reduce_window(max)` is a select-and-scatter that took 175 ms for
-  f32[32, 32, 32, 64]. Here:
+  On XLA:CPU the gradient of `lax.reduce_window(max)` is a slow select-and-scatter. Here:
 
   * ``impl='shift_vjp'`` (reverse mode only; the CPU training default, like the depthwise impl of
     the same name): the forward pass keeps the running maximum and its window tap (int8) over the
     k*k shifted slices in one fused loop; the backward pass sends each window's cotangent to that
     tap, as k*k forward shifts of the padded cotangent and tap buffers (`_transposed_pad`). This
     is PyTorch's rule (the first maximal element of the window, row-major) and equals the
-    `reduce_window` gradient. f32[32, 32, 32, 64], fwd + bwd: 6.0 ms at stride 1 and 3.5 ms at
-    stride 2, against 27 and 7.6 ms for the separable form below and 9.5 / 3.9 ms for PyTorch
-    2.14 (channels_last) on this 2-core CPU.
+    `reduce_window` gradient.
   * any other name: the max is separable (rows, then columns) over shifted strided slices, with
     plain autodiff (every AD mode). Ties share the gradient pairwise (1/4, 1/4, 1/2 per axis):
     also a valid subgradient; both forms agree without ties.
@@ -411,9 +400,7 @@ def avg_pool(x: Array, kernel: int = 3, *, stride: int = 1, padding: int = 1,
     impl: ``'shift_vjp'`` (reverse mode only; the CPU training default, like the depthwise impl of
       the same name): the window sums are k*k shifted slices in one fused loop, with a custom VJP
       whose transpose is the same box sum of the zero-interleaved, padded cotangent. Any other
-      depthwise impl name: `lax.reduce_window` (every AD mode). f32[32, 32, 32, 64] on this
-      2-core CPU, fwd + bwd, stride 1 / 2: 'shift_vjp' 3.0 / 2.5 ms, `reduce_window` 12.2 /
-      12.5 ms, PyTorch 2.14 (channels_last) 6.9 / 3.1 ms.
+      depthwise impl name: `lax.reduce_window` (every AD mode).
   """
   if impl == "shift_vjp":
     s = _box_sum_vjp(x, kernel, stride, padding)

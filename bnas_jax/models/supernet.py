@@ -23,19 +23,17 @@ copy). The static ``alive`` mask (``spaces.freeze_mask``) removes dead edges and
 `Supernet`); initialisation always builds every op, so the parameter tree does not depend on
 `alive` and one set of variables serves every mask.
 
-Speed formulation (GitHub issue 3): the edges of a cell run one at a time inside a `lax.scan`
-(`Cell`), so XLA compiles one loop body per cell (two for a reduction cell) instead of every edge:
-on this 2-core CPU the darts 5-cell step compiles in about 38 s instead of 64-81 s. Each edge is
-an `EdgeOps` (all candidate ops of one edge); their parameters are stacked along a leading edge
-axis. Depthwise convolutions are shift-and-multiply with custom VJPs (`layers.depthwise_conv`),
+Formulation for compile time and speed: the edges of a cell run one at a time inside a
+`lax.scan` (`Cell`), so XLA compiles one loop body per cell (two for a reduction cell) instead of
+every edge. Each edge is an `EdgeOps` (all candidate ops of one edge); their parameters are
+stacked along a leading edge axis. Depthwise convolutions are shift-and-multiply with custom
+VJPs (`layers.depthwise_conv`),
 dense k x k convolutions inside the loop are im2col matrix products (`layers.conv`). With
-``edge_loop='unroll'`` the same loop is fully unrolled: the step is faster on CPU (XLA runs
-independent edges on both cores) and the compile 2-5x slower; the parameters are the same.
-By default (``remat=True``) each edge is a `jax.checkpoint`: the backward pass recomputes the
-edge from its input instead of reading stored activations, which on CPU is faster (the step is
-bound by memory traffic) and needs 12-17x less activation memory (nb201 4.6x).
-An earlier formulation evaluated all edges leaving one node together in grouped form with a
-switch-routing reduction; it was slower to run and to compile (see the README).
+``edge_loop='unroll'`` the same loop is fully unrolled: on CPU a faster step (XLA runs
+independent edges on several cores) for a longer compile; the parameters are the same. By default
+(``remat=True``) each edge is a `jax.checkpoint`: the backward pass recomputes the edge from its
+input instead of reading stored activations, which on CPU is faster (the step is bound by memory
+traffic) and needs far less activation memory. Figures: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -303,7 +301,7 @@ class Cell(nn.Module):
         self.variable("batch_stats", pname, lambda: v.get("batch_stats", {}))
         continue
       if self.has_variable("params", pname):
-        # Not `self.param`: in apply it traces the (vmapped) init to check shapes, ~0.35 s a phase.
+        # Not `self.param`: in apply it would trace the (vmapped) init to check shapes.
         params = self.get_variable("params", pname)
       else:
         params = self.param(pname, lambda key: init_vars(key)["params"])
@@ -371,20 +369,18 @@ class Supernet(nn.Module):
       (every AD mode), ``'shift_vjp'`` (fastest training step on CPU; reverse mode only) or
       ``'lax'`` (reference; fastest on GPU).
     edge_loop: ``'scan'`` (the edges of a cell in a `lax.scan`: fastest compile) or ``'unroll'``
-      (the same loop unrolled: on CPU a faster step and a 2-5x slower compile; see the README).
+      (the same loop unrolled: on CPU a faster step and a longer compile).
       Both compute the same function with the same parameters.
     pruned_ops: after pruning (`alive`), ``'skip'`` never computes a pruned op: the live edges of
       a cell phase that keep different op sets get one loop each per (target node, kept ops),
-      which multiplies the compile time (darts 5-cell step with half the ops pruned at random:
-      183 s); ``'mask'`` keeps one loop per phase over the ops kept on any of its edges and
-      multiplies the pruned ones by 0 (compiles like the full supernet, computes more).
+      which multiplies the compile time; ``'mask'`` keeps one loop per phase over the ops kept
+      on any of its edges and multiplies the pruned ones by 0 (compiles like the full supernet,
+      computes more).
     remat: recompute each edge's forward pass in the backward pass (`jax.checkpoint` of the
       edge, saving nothing but its input) instead of storing its activations. Same function and
-      gradients. On this 2-core CPU it made the training step 20-40 % faster (5-cell C = 8
-      batch 32: darts 3.1-3.4 s -> 2.1-2.5 s, bayesnas 2.4-2.6 s -> 1.6-2.0 s; XLA:CPU is bound
-      by the memory traffic of the stored activations) and cut XLA's activation buffer 12-17-fold
-      (darts 1.5 GB -> 0.12 GB; nb201 4.6-fold). Not measured on a GPU, where recomputing costs
-      relatively more.
+      gradients. On CPU, where the step is bound by the memory traffic of stored activations,
+      it makes the step faster and the activation buffer much smaller (docs/performance.md); on
+      a GPU recomputing costs relatively more: compare both settings there.
   """
   space: str
   init_channels: int
