@@ -304,9 +304,10 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
       # median live gamma, so that no single group (e.g. one with H ~ 0, hence a huge gamma) can
       # raise the threshold above every other group of the cell.
       live_g = jnp.where(alive_prev, g_new, jnp.nan)
-      kind_ref = jnp.concatenate([jnp.nanmedian(live_g[:, :1])[None, None],
-                                  jnp.broadcast_to(jnp.nanmedian(live_g[:, 1:]),
-                                                   (1, live_g.shape[1] - 1))], axis=1)
+      kind_ref = jnp.nanmedian(live_g[:, :1])[None, None]
+      if live_g.shape[1] > 1:  # K = 1 (origin switches only, e.g. compression groups): no ops
+        kind_ref = jnp.concatenate([kind_ref, jnp.broadcast_to(jnp.nanmedian(live_g[:, 1:]),
+                                                               (1, live_g.shape[1] - 1))], axis=1)
       thr = prune_threshold * kind_ref  # [1, K]; NaN (nothing live) prunes nothing
     a = alive_prev & ~(g_new < thr)
     origin_alive = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
