@@ -546,6 +546,8 @@ def calibration(gamma_prev: Mapping[str, Array], state: HardPriorState) -> dict[
     g, h = jnp.asarray(gamma_prev[tau]), jnp.asarray(state.curvature[tau])
     for kind, sl in (("origin", slice(0, 1)), ("op", slice(1, None))):
       gk, hk = g[..., sl], h[..., sl]
+      if gk.shape[-1] == 0:  # K = 1: no op switches
+        continue
       live = gk > 0
       x = jnp.where(live, gk * hk, jnp.nan)
       inv = jnp.where(live, 1.0 / jnp.where(live, gk, 1.0), jnp.nan)

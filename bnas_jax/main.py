@@ -60,7 +60,8 @@ flags.mark_flags_as_required(["workdir"])
 CONFIG_FILE = "config.json"
 
 # mode -> module whose ``run(config, workdir)`` does the work.
-RUNNERS = {"search": "bnas_jax.search", "train": "bnas_jax.train_eval"}
+RUNNERS = {"search": "bnas_jax.search", "train": "bnas_jax.train_eval",
+           "compress": "bnas_jax.compression.runner"}
 
 
 def load_config_from_workdir(workdir: str) -> ml_collections.ConfigDict:

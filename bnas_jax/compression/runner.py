@@ -1,0 +1,552 @@
+r"""``mode='compress'`` runs: compress an ordinary network with the HARD prior, or a baseline.
+
+Usage::
+
+  python -m bnas_jax.main --config experiments/compress_lenet5.py:cpu --workdir runs/compress_lenet5
+
+The plan of a run is a list of stages, each one epoch-sized chunk of work (compression spec 3.2,
+7.1):
+
+1. ``pretrain`` (``pretrain.epochs`` epochs of the dense network; skipped when ``pretrained_dir``
+   names an exported dense network, e.g. the ``pretrained/`` folder of an earlier run, so that
+   every method starts from the same checkpoint). Its result is saved as ``<workdir>/pretrained``.
+2. ``compress`` (``compress.iterations`` outer iterations of ``compress.epochs_per_iteration``
+   epochs each), by ``method``:
+
+   * ``'bayesnas'``: train weights and switches on ``E_D + lambda sum omega_g |s_g|``, then the
+     GGN curvature, `bayes.update` (reweighting, hierarchy) and pruning (`train.prior_step`);
+   * ``'group_lasso'`` (baseline B1, spec 7.2): the same switches, optimiser, proximal step and
+     ``eps_s`` threshold with omega = 1 (no curvature, no gamma), i.e. network slimming's L1 on the
+     switches;
+   * ``'l1_filter'`` (B2) and ``'random'`` (B3) prune at once from the pretrained network (L1 norm
+     of each filter / neuron, ``baseline.ratio`` per layer; or uniformly at random with the per
+     layer counts of ``baseline.kept``) and spend the compression budget fine-tuning instead.
+3. export (spec 2.4) to ``<workdir>/exported`` (``structure.json`` with the counts, the weights);
+4. ``finetune`` (``finetune.epochs`` epochs of the exported network, no penalty);
+5. the test error, once, and ``<workdir>/result.json`` with the fields of spec 4.7 (the kept
+   structure, weights / params / MACs dense and kept and their ratios, val and test error).
+
+A checkpoint is written after every stage (and every ``checkpoint.every_steps`` steps); a run
+stopped by a signal or killed resumes from it with the same data order and keys, and ends with
+the same result as an uninterrupted run (tests/test_compression_runner.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bnas_jax import bayes
+from bnas_jax import errors
+from bnas_jax import run_lib
+from bnas_jax.compression import baselines
+from bnas_jax.compression import export
+from bnas_jax.compression import groups
+from bnas_jax.compression import networks
+from bnas_jax.compression import train
+from bnas_jax.data import dataset as dataset_lib
+from bnas_jax.data import idx
+from bnas_jax.data import readers
+
+METHODS = ("bayesnas", "group_lasso", "l1_filter", "random", "dense")
+DATA_SOURCES = ("idx_t10k_split", "idx", "tfds", "cifar_local")
+RESULT_JSON = "result.json"
+RESUME_SAFE_FIELDS = run_lib.COMMON_RESUME_SAFE_FIELDS + ("pretrained_dir",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field of a compression config (LeNet-5-Caffe on the 8,000 / 2,000 MNIST split)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "compress"
+  c.seed = 0
+  c.method = "bayesnas"
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "lenet5"
+  c.model.padding = "VALID"  # lenet5 only; 'SAME' = the released SBP script
+  c.model.caffe_exact = False  # lenet5 only: no ReLU after the convs
+  c.model.scale = 1.0  # vgg_like only: width multiplier
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "idx_t10k_split"  # 'idx' (4 IDX files), 'tfds', 'cifar_local'
+  c.data.name = "mnist"  # 'mnist' | 'fashion_mnist' | 'cifar10'
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.split_train = 8_000  # idx_t10k_split: images of the t10k files used for training
+  c.data.split_test = 2_000
+  c.data.num_val = 1_000  # held out of the training images for selection (spec 4.1)
+  c.data.seed = 0
+  c.pretrained_dir = ""  # an exported dense network (a run's pretrained/ folder): no pretraining
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.epochs = 10
+  c.pretrain.batch_size = 128
+  c.pretrain.lr = 1e-3
+  c.pretrain.weight_decay = 0.0
+  c.compress = ml_collections.ConfigDict()
+  c.compress.iterations = 10  # T outer iterations
+  c.compress.epochs_per_iteration = 1  # E_in
+  c.compress.batch_size = 128
+  c.compress.lr = 1e-3  # weights (Adam)
+  c.compress.weight_decay = 1e-4  # kernels and BN scales (spec 3.4)
+  c.compress.switch_lr = 1e-2  # SGD with momentum
+  c.compress.switch_momentum = 0.9
+  c.compress.penalty_mode = "proximal"
+  c.compress.lam = 1e-3  # lambda, for the mean-CE loss (spec 3.4, 7.3)
+  c.compress.lambda_ramp = 0.15  # fraction of the iterations over which lambda ramps up
+  c.compress.prune_threshold = 1e-4  # gamma < this x the layer's median live gamma: dead
+  c.compress.eps_s = 1e-3  # |s| < eps_s: dead
+  c.compress.curvature = "ggn_fast"
+  c.compress.curvature_batches = 20  # M
+  c.compress.curvature_batch_size = 128
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.epochs = 3  # F
+  c.finetune.batch_size = 128
+  c.finetune.lr = 1e-4
+  c.finetune.weight_decay = 0.0
+  c.baseline = ml_collections.ConfigDict()
+  c.baseline.ratio = 0.5  # l1_filter: fraction of the units of each layer removed
+  c.baseline.kept = ""  # random: the kept structure to draw (e.g. '5-10-76-16')
+  run_lib.add_common_fields(c, checkpoint_every_steps=-1, async_save=False)
+  c.log_every_steps = 100
+  return c
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `errors.ConfigError` naming the first bad field (before anything is created)."""
+  run_lib.check_common_fields(config)
+  c = config
+  if c.method not in METHODS:
+    raise errors.ConfigError(f"config.method={c.method!r}; choose one of {METHODS}")
+  if c.data.source not in DATA_SOURCES:
+    raise errors.ConfigError(f"config.data.source={c.data.source!r}; choose one of {DATA_SOURCES}")
+  try:
+    make_arch(c)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model: {e}") from None
+  for name, v in (("pretrain.epochs", c.pretrain.epochs), ("finetune.epochs", c.finetune.epochs)):
+    if int(v) < 0:
+      raise errors.ConfigError(f"config.{name}={v} must be >= 0")
+  if int(c.compress.iterations) < 1 or int(c.compress.epochs_per_iteration) < 1:
+    raise errors.ConfigError("config.compress.iterations and compress.epochs_per_iteration must "
+                             "be >= 1")
+  if c.method != "dense" and not c.pretrained_dir and int(c.pretrain.epochs) < 1:
+    raise errors.ConfigError("config.pretrain.epochs must be >= 1 unless config.pretrained_dir "
+                             "names a pretrained network")
+  if not float(c.compress.lam) > 0:
+    raise errors.ConfigError(f"config.compress.lam={c.compress.lam} must be > 0")
+  if c.compress.penalty_mode not in train.PENALTY_MODES:
+    raise errors.ConfigError(f"config.compress.penalty_mode={c.compress.penalty_mode!r}; choose "
+                             f"one of {train.PENALTY_MODES}")
+  if not 0.0 <= float(c.baseline.ratio) < 1.0:
+    raise errors.ConfigError(f"config.baseline.ratio={c.baseline.ratio} must be in [0, 1)")
+  if c.method == "random":
+    arch = make_arch(c)
+    try:
+      baselines.parse_structure(arch, c.baseline.kept)
+    except ValueError as e:
+      raise errors.ConfigError(f"config.baseline.kept: {e}") from None
+  for name in ("pretrain.batch_size", "compress.batch_size", "finetune.batch_size",
+               "compress.curvature_batch_size"):
+    node, leaf = name.split(".")
+    if int(c[node][leaf]) < 1:
+      raise errors.ConfigError(f"config.{name} must be >= 1")
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Checks that the data folder and the pretrained network the config names exist."""
+  c = config
+  if c.pretrained_dir and not os.path.exists(os.path.join(c.pretrained_dir,
+                                                          export.STRUCTURE_JSON)):
+    raise errors.ConfigError(f"config.pretrained_dir={c.pretrained_dir!r} holds no "
+                             f"{export.STRUCTURE_JSON}; point it at a run's pretrained/ folder")
+  if c.data.source in ("idx_t10k_split", "idx") and not (c.data.data_dir and os.path.isdir(
+      c.data.data_dir)):
+    raise dataset_lib.DatasetNotFoundError(
+        f"config.data.data_dir={c.data.data_dir!r} is not a folder; pass the folder of the MNIST "
+        "IDX files (e.g. ../shared/data/mnist-t10k)")
+
+
+def make_arch(config) -> networks.Arch:
+  """The full network of ``config.model``."""
+  m = config.model
+  if m.name == "lenet5":
+    return networks.get_arch("lenet5", padding=m.padding, caffe_exact=bool(m.caffe_exact))
+  if m.name == "vgg_like":
+    return networks.get_arch("vgg_like", scale=float(m.scale))
+  return networks.get_arch(m.name)
+
+
+def load_data(config) -> train.Data:
+  """The train / val / test `train.Data` of ``config.data``."""
+  d = config.data
+  if d.source == "idx_t10k_split":
+    ds = idx.load_test_split(d.data_dir, (d.split_train, d.split_test), d.seed, d.name)
+  elif d.source == "idx":
+    ds = idx.load_folder(d.data_dir, d.name)
+  elif d.source == "tfds":
+    ds = idx.load_tfds(d.name, d.data_dir) if d.name in idx.NAMES else readers.load_tfds(
+        d.name, d.data_dir)
+  else:
+    ds = readers.load_local(d.name, d.data_dir)
+  cifar = ds.image_shape[-1] == 3
+  return train.make_data(ds, int(d.num_val), int(d.seed),
+                         normalisation="channel" if cifar else "mean_image", augment=cifar)
+
+
+# -------------------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  kind: str  # 'pretrain' | 'compress' | 'finetune'
+  index: int  # epoch (pretrain, finetune) or outer iteration t (compress, 1-based)
+  epochs: int
+
+
+def plan(config) -> list[Stage]:
+  """The stages of a run (module docstring)."""
+  c = config
+  stages = []
+  if not c.pretrained_dir:
+    stages += [Stage("pretrain", e, 1) for e in range(int(c.pretrain.epochs))]
+  if c.method == "dense":
+    return stages
+  t_max, e_in = int(c.compress.iterations), int(c.compress.epochs_per_iteration)
+  if c.method in ("bayesnas", "group_lasso"):
+    stages += [Stage("compress", t, e_in) for t in range(1, t_max + 1)]
+    ft = int(c.finetune.epochs)
+  else:  # prune at once, fine-tune for the whole budget (spec 7.1: same total epochs)
+    ft = t_max * e_in + int(c.finetune.epochs)
+  stages += [Stage("finetune", e, 1) for e in range(ft)]
+  return stages
+
+
+def _step_config(config, kind: str) -> train.StepConfig:
+  c = config
+  if kind == "pretrain":
+    return train.StepConfig(lr=float(c.pretrain.lr), weight_decay=float(c.pretrain.weight_decay),
+                            train_bn=True, dropout=True)
+  if kind == "compress":
+    return train.StepConfig(lr=float(c.compress.lr), weight_decay=float(c.compress.weight_decay),
+                            switch_lr=float(c.compress.switch_lr),
+                            switch_momentum=float(c.compress.switch_momentum),
+                            penalty_mode=c.compress.penalty_mode, train_bn=False, dropout=False)
+  return train.StepConfig(lr=float(c.finetune.lr), weight_decay=float(c.finetune.weight_decay),
+                          train_bn=False, dropout=False)
+
+
+def _batch_size(config, kind: str) -> int:
+  return int(config[kind].batch_size)
+
+
+# -------------------------------------------------------------------------------------------------
+# The run.
+
+
+class _Runner:
+  """One run: the plan, the data and the state between stages."""
+
+  def __init__(self, config, workdir: str, run: run_lib.Run):
+    self.c, self.workdir, self.run = config, workdir, run
+    self.arch = make_arch(config)
+    self.data = load_data(config)
+    self.stages = plan(config)
+    self.first_ft = next((i for i, s in enumerate(self.stages) if s.kind == "finetune"),
+                         len(self.stages))
+    self.reweight = config.method == "bayesnas"
+
+  # -- state -----------------------------------------------------------------------------------
+
+  def _dense_variables(self) -> dict[str, Any]:
+    if self.c.pretrained_dir:
+      arch, v = export.load(self.c.pretrained_dir)
+      if dataclasses.replace(arch, fc_in_dropout=0.0, fc_dropout=0.0, convs=tuple(
+          dataclasses.replace(l, dropout=0.0) for l in arch.convs)) != dataclasses.replace(
+              self.arch, fc_in_dropout=0.0, fc_dropout=0.0,
+              convs=tuple(dataclasses.replace(l, dropout=0.0) for l in self.arch.convs)):
+        raise errors.ConfigError(f"config.pretrained_dir={self.c.pretrained_dir!r} holds a "
+                                 f"{networks.structure(arch)} {arch.name}, not the "
+                                 f"{networks.structure(self.arch)} {self.arch.name} of config.model")
+      return v
+    return networks.init_variables(self.arch, jax.random.key(int(self.c.seed)))
+
+  def _full_state(self, variables) -> dict[str, Any]:
+    sw = groups.init_switches(self.arch)
+    cfg = _step_config(self.c, "compress")
+    return {"train": train.init_state(variables, sw, cfg), "prior": bayes.init(sw)}
+
+  def _initial_state(self) -> dict[str, Any]:
+    return self._full_state(self._dense_variables())
+
+  def _exported_state(self, arch, variables) -> dict[str, Any]:
+    return {"train": train.init_state(variables, None, _step_config(self.c, "finetune"))}
+
+  def _abstract(self, pos: run_lib.Position):
+    exported = pos.stage > self.first_ft or (pos.stage == self.first_ft and pos.step > 0)
+    if exported:
+      arch, _ = export.load(os.path.join(self.workdir, "exported"))
+      fn = lambda: self._exported_state(arch, networks.init_variables(arch, jax.random.key(0)))
+    else:
+      fn = lambda: self._full_state(networks.init_variables(self.arch, jax.random.key(0)))
+    return jax.eval_shape(fn)
+
+  # -- stages ----------------------------------------------------------------------------------
+
+  def execute(self):
+    run, c = self.run, self.c
+    record = run_lib.RunRecord()
+    state = None
+    latest = run.checkpoints.latest_index()
+    if latest is not None:
+      meta = run.checkpoints.restore_meta(latest) or {}
+      pos = run_lib.Position(**meta.get("position", {}))
+      restored = run.restore(self._abstract(pos))
+      state, record = restored
+    pos = record.position
+    if state is None:
+      state = self._initial_state()
+    arch = self.arch
+    if pos.stage > self.first_ft or (pos.stage == self.first_ft and pos.step > 0):
+      arch, _ = export.load(os.path.join(self.workdir, "exported"))
+    history = list(record.history)
+
+    while pos.stage < len(self.stages):
+      stage = self.stages[pos.stage]
+      if stage.kind == "finetune" and pos.stage == self.first_ft and pos.step == 0:
+        arch, state = self._export(state, history)
+      if stage.kind == "compress" and stage.index == 1 and pos.step == 0:  # fresh optimisers
+        fresh = train.init_state({"params": state["train"].params}, state["train"].switches,
+                                 _step_config(c, "compress"))
+        state = self._with_train(state, state["train"]._replace(opt_w=fresh.opt_w,
+                                                                opt_s=fresh.opt_s))
+      state, pos, ended, summary = self._train_stage(stage, arch, state, pos, history)
+      if ended != run_lib.FINISHED:
+        run.stopped_warning(pos)
+        return None, ended
+      if stage.kind == "compress":
+        state, summary = self._prior_update(stage, state, summary)
+      if stage.kind == "pretrain" and pos.stage + 1 == len(
+          [s for s in self.stages if s.kind == "pretrain"]):
+        self._save_pretrained(state)
+      history.append(summary)
+      pos = pos.next_stage()
+      run.save(state, run_lib.RunRecord(pos, history))
+    if c.method == "dense" and not any(s.kind == "pretrain" for s in self.stages):
+      raise errors.ConfigError("method='dense' with pretrained_dir has nothing to do")
+    if c.method != "dense" and self.first_ft == len(self.stages):  # no fine-tune epochs
+      arch, state = self._export(state, history)
+    return self._finish(arch, state, history), run_lib.FINISHED
+
+  def _train_stage(self, stage: Stage, arch, state, pos, history):
+    c, run, data = self.c, self.run, self.data
+    kind = stage.kind
+    cfg = _step_config(c, kind)
+    train_step, _ = train.make_step_fns(arch, cfg)
+    bs = _batch_size(c, kind)
+    spe = len(train.epoch_batches(len(data.train_y), bs, 0, 0))
+    steps = spe * stage.epochs
+    full = "prior" in state
+    lam = (train.lambda_at(stage.index, int(c.compress.iterations), float(c.compress.lam),
+                           float(c.compress.lambda_ramp)) if kind == "compress" else 0.0)
+    if kind == "compress":
+      omega = train.sparsity_penalty_omega(state["prior"], self.reweight)
+      alive = state["prior"].alive
+      ts = state["train"]
+    else:  # pretraining (switches all 1) or fine-tuning (exported net): no switches
+      omega, alive = {}, {}
+      ts = state["train"]._replace(switches={}, opt_s=())
+    seed = int(c.data.seed)
+    stage_seed = seed * 1_000_003 + pos.stage
+
+    def batches(start):
+      for i in range(start, steps):
+        e, k = divmod(i, spe)
+        idx = train.epoch_batches(len(data.train_y), bs, stage_seed, e)[k]
+        yield {"image": data.train_x[idx], "label": data.train_y[idx], "e": e, "k": k}
+
+    def step_fn(carry, batch):
+      ts_, pending = carry
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(stage_seed), batch["e"]),
+                               batch["k"])
+      ts_, m = train_step(ts_, batch["image"], batch["label"], key, data.mean, data.std, omega,
+                          alive, jnp.float32(lam), augment=data.augment)
+      return ts_, pending + [m]
+
+    sums = {}
+
+    def flush(carry, p, seconds, n):
+      ts_, pending = carry
+      ms = jax.device_get(pending)
+      for m in ms:
+        for k, v in m.items():
+          if not np.isfinite(v):
+            raise run.nonfinite(k, f"{kind} stage {stage.index} step {p.step}",
+                                "Lower the learning rate or lambda")
+          sums[k] = sums.get(k, 0.0) + float(v)
+      sums["n"] = sums.get("n", 0) + len(ms)
+      if ms:
+        run.writer.write_scalars(p.global_step, {k: float(np.mean([m[k] for m in ms]))
+                                                 for k in ms[0]}, prefix=f"{kind}/", log=False)
+      return ts_, []
+
+    def save(carry, p):
+      run.save(self._with_train(state, carry[0]), run_lib.RunRecord(p, history))
+
+    (ts, _), pos, ended = run.train_stage((ts, []), pos, batches(pos.step), step_fn, steps=steps,
+                                          desc=f"{kind} {stage.index}", flush=flush, save=save)
+    if kind != "compress" and full:
+      ts = ts._replace(switches=state["train"].switches, opt_s=state["train"].opt_s)
+    state = self._with_train(state, ts)
+    n = max(sums.pop("n", 1), 1)
+    summary = {"stage": kind, "index": stage.index, **{k: v / n for k, v in sums.items()}}
+    if ended == run_lib.FINISHED:
+      summary["val_error"] = self._val_error(arch, state)
+      if kind == "compress":
+        summary["lambda"] = lam
+      run.writer.write_scalars(pos.global_step, {"val_error": summary["val_error"]},
+                               prefix=f"{kind}/")
+      logging.info("%s %d: %s", kind, stage.index, summary)
+    return state, pos, ended, summary
+
+  @staticmethod
+  def _with_train(state, ts):
+    return dict(state, train=ts)
+
+  def _val_error(self, arch, state) -> float:
+    ts = state["train"]
+    full = "prior" in state
+    _, eval_step = train.make_step_fns(arch, _step_config(self.c, "finetune"))
+    alive = state["prior"].alive if full else {}
+    return train.evaluate(eval_step, ts, alive, self.data.val_x, self.data.val_y,
+                          self.data)["error"]
+
+  def _prior_update(self, stage: Stage, state, summary):
+    c = self.c
+    ts, prior = state["train"], state["prior"]
+    lam = summary.get("lambda", float(c.compress.lam))
+    if self.reweight:
+      curv_fn = train.make_curvature_fn(self.arch, c.compress.curvature)
+      h = train.curvature(curv_fn, ts, prior.alive, self.data,
+                          batch_size=int(c.compress.curvature_batch_size),
+                          num_batches=int(c.compress.curvature_batches), seed=int(c.data.seed),
+                          iteration=stage.index)
+      for tau, v in h.items():
+        if not np.all(np.isfinite(np.asarray(v))):
+          raise self.run.nonfinite("curvature", f"compress iteration {stage.index}",
+                                   "Lower the learning rate or lambda")
+    else:
+      h = {tau: jnp.zeros_like(s) for tau, s in ts.switches.items()}
+    gamma_prev = prior.gamma
+    prior = train.prior_step(prior, ts.switches, h, lam=lam,
+                             prune_threshold=float(c.compress.prune_threshold),
+                             eps_s=float(c.compress.eps_s), reweight=self.reweight)
+    masks = groups.unit_masks(self.arch, prior.alive)
+    try:
+      masks = groups.propagate(self.arch, masks)
+    except groups.LayerCollapsedError as e:
+      logging.warning("%s", e)
+    else:
+      prior = prior._replace(alive={k: jnp.asarray(v) for k, v in
+                                    groups.group_alive(self.arch, masks).items()})
+    ts = ts._replace(switches=bayes.apply_mask(ts.switches, prior.alive))
+    kept = groups.kept_counts(self.arch, groups.unit_masks(self.arch, prior.alive))
+    summary = dict(summary, live_units=kept)
+    if self.reweight:
+      scalars = {k: float(v) for k, v in bayes.calibration(gamma_prev, prior).items()}
+      self.run.writer.write_scalars(stage.index, scalars, prefix="calibration/", log=False)
+    self.run.writer.write_scalars(stage.index, {f"live/{k}": v for k, v in kept.items()},
+                                  log=False)
+    logging.info("compress %d: lambda %.3g, live units %s", stage.index, lam, kept)
+    return dict(state, train=ts, prior=prior), summary
+
+  def _export(self, state, history):
+    c = self.c
+    ts = state["train"]
+    variables = {"params": ts.params}
+    if self.arch.batch_norm:
+      variables["batch_stats"] = ts.batch_stats
+    if c.method in ("bayesnas", "group_lasso"):
+      masks = groups.unit_masks(self.arch, state["prior"].alive)
+      switches = ts.switches
+    elif c.method == "l1_filter":
+      masks = baselines.l1_masks(self.arch, variables, float(c.baseline.ratio))
+      switches = None
+    else:
+      counts = baselines.parse_structure(self.arch, c.baseline.kept)
+      masks = baselines.random_masks(self.arch, counts, int(c.seed))
+      switches = None
+    arch, v = export.export(self.arch, variables, switches, masks)
+    metrics = export.metrics(self.arch, arch)
+    export.save(os.path.join(self.workdir, "exported"), arch, v, metrics)
+    logging.info("exported %s: %s", arch.name, metrics)
+    self.run.writer.write_text(0, "exported/structure", metrics["kept_structure"])
+    return arch, self._exported_state(arch, v)
+
+  def _save_pretrained(self, state):
+    ts = state["train"]
+    v = {"params": ts.params}
+    if self.arch.batch_norm:
+      v["batch_stats"] = ts.batch_stats
+    err = self._val_error(self.arch, state)
+    export.save(os.path.join(self.workdir, "pretrained"), self.arch, v, {"val_error": err})
+
+  def _finish(self, arch, state, history) -> dict[str, Any]:
+    c, data = self.c, self.data
+    ts = state["train"]
+    full = "prior" in state
+    _, eval_step = train.make_step_fns(arch, _step_config(c, "finetune"))
+    alive = state["prior"].alive if full else {}
+    test = train.evaluate(eval_step, ts, alive, data.test_x, data.test_y, data)
+    val = train.evaluate(eval_step, ts, alive, data.val_x, data.val_y, data)
+    result = {"method": c.method, "seed": int(c.seed), "test_err": test["error"],
+              "val_err": val["error"], "lambda": float(c.compress.lam),
+              "ratio": float(c.baseline.ratio),
+              "epochs_total": int(sum(s.epochs for s in self.stages if s.kind != "pretrain")),
+              "cr_bits": None, **export.metrics(self.arch, arch), "history": history}
+    v = {"params": ts.params}
+    if arch.batch_norm:
+      v["batch_stats"] = ts.batch_stats
+    export.save(os.path.join(self.workdir, "final"), arch, v, {
+        k: result[k] for k in result if k != "history"})
+    with open(os.path.join(self.workdir, RESULT_JSON), "w") as f:
+      json.dump(result, f, indent=2, default=run_lib.to_json_value)
+    self.run.writer.write_scalars(len(self.stages), {"final/test_err": test["error"],
+                                                     "final/val_err": val["error"],
+                                                     "final/cr_w": result["cr_w"],
+                                                     "final/macs_ratio": result["macs_ratio"]})
+    logging.info("result: %s", {k: v for k, v in result.items() if k != "history"})
+    return result
+
+
+@dataclasses.dataclass
+class CompressResult:
+  """What `run` returns: ``result`` (the result.json dict, None if stopped) and ``stopped_by``."""
+  result: dict[str, Any] | None
+  stopped_by: str = ""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> CompressResult:
+  """Runs (or resumes) the compression run of `config` in `workdir` (module docstring).
+
+  Raises:
+    errors.ConfigError: a bad config field or a workdir of another config.
+    bnas_jax.data.dataset.DatasetError: missing or bad data.
+    errors.NonFiniteError: the run diverged (the last good checkpoint is kept).
+  """
+  check_config(config)
+  check_inputs(config)
+  with run_lib.open_workdir(config, workdir, RESUME_SAFE_FIELDS) as wd:
+    r = run_lib.Run(config, wd)
+    try:
+      runner = _Runner(config, wd, r)
+      result, ended = runner.execute()
+    finally:
+      r.close()
+  stopped = r.stop.name if ended == run_lib.STOPPED else ""
+  return CompressResult(result, stopped)
