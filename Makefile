@@ -55,8 +55,8 @@ bench: ## Run the speed benchmarks bench/bench_*.py (print throughput figures).
 	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PYTHON) $$f; done
 
 data: ## Download + prepare DATASET with TFDS (array_record; needs internet and install-prepare).
-	$(PYTHON) -m bnas_jax.input_pipeline prepare --name $(DATASET) $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+	$(PYTHON) -m bnas_jax.data.prepare prepare --name $(DATASET) $(if $(DATA_DIR),--data_dir $(DATA_DIR))
 
 data-shared: ## Build cifar-10-batches-bin from shared/ (JPEG-derived) and the lossless subset (tiny config) into DATA_DIR (default ~/.cache/bnas_jax).
-	$(PYTHON) -m bnas_jax.input_pipeline build-shared $(if $(DATA_DIR),--data_dir $(DATA_DIR))
-	$(PYTHON) -m bnas_jax.input_pipeline build-subset $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+	$(PYTHON) -m bnas_jax.data.prepare build-shared $(if $(DATA_DIR),--data_dir $(DATA_DIR))
+	$(PYTHON) -m bnas_jax.data.prepare build-subset $(if $(DATA_DIR),--data_dir $(DATA_DIR))

@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_input.py [--batch_sizes 18,64] [--steps 200] [--cutout 16] [--data_dir DIR]
 
-Times `input_pipeline.epoch_batches` end to end (host gather of uint8 images, transfer, jitted
+Times `bnas_jax.data.pipeline.Loader.epoch` end to end (host gather of uint8 images, transfer, jitted
 crop/flip/normalise/cutout on the default device, batch placed with the 1-D data sharding), after
 one warm-up batch that pays for compilation. Uses the local CIFAR-10 from ``--data_dir`` (default
 ``$BNAS_DATA_DIR`` or ``~/.cache/bnas_jax``, see ``make data-shared``); falls back to random
@@ -15,15 +15,18 @@ import time
 import jax
 import numpy as np
 
-from bnas_jax import input_pipeline as ip
+from bnas_jax.data import dataset
+from bnas_jax.data import pipeline
+from bnas_jax.data import readers
+from bnas_jax.data import sharding as sharding_lib
 
 
 def _images(data_dir):
   try:
-    ds = ip.load_local('cifar10', data_dir)
-    x, y = ip.make_splits(ds, {'search': 40_000}, seed=0)['search']
+    ds = readers.load_local('cifar10', data_dir)
+    x, y = pipeline.make_splits(ds, {'search': 40_000}, seed=0)['search']
     return x, y, f'CIFAR-10 search split from {ds.source}'
-  except ip.DatasetError as e:
+  except dataset.DatasetError as e:
     rng = np.random.default_rng(0)
     return (rng.integers(0, 256, (40_000, 32, 32, 3), dtype=np.uint8),
             rng.integers(0, 10, 40_000), f'random uint8 images ({type(e).__name__})')
@@ -37,13 +40,14 @@ def main():
   parser.add_argument('--data_dir', default=None)
   args = parser.parse_args()
   images, labels, what = _images(args.data_dir)
-  sharding = ip.batch_sharding(ip.make_mesh())
+  sharding = sharding_lib.batch_sharding(sharding_lib.make_mesh())
   print(f'data: {what}; devices: {jax.device_count()} x {jax.devices()[0].platform}')
   for bs in [int(b) for b in args.batch_sizes.split(',')]:
     for augment in (True, False):
-      kw = dict(batch_size=bs, seed=0, epoch=0, mean=ip.CIFAR10_MEAN, std=ip.CIFAR10_STD,
-                augment=augment, cutout=args.cutout, sharding=sharding)
-      it = ip.epoch_batches(images, labels, **kw)
+      loader = pipeline.Loader(images, labels, batch_size=bs, seed=0, mean=dataset.CIFAR10_MEAN,
+                               std=dataset.CIFAR10_STD, augment=augment, cutout=args.cutout,
+                               sharding=sharding)
+      it = loader.epoch(0)
       jax.block_until_ready(next(it))  # Compile.
       start = time.perf_counter()
       n = 0

@@ -38,8 +38,9 @@ import numpy as np
 from bnas_jax import checkpointing
 from bnas_jax import config_files
 from bnas_jax import errors
-from bnas_jax import input_pipeline
+from bnas_jax import run_lib
 from bnas_jax import train_eval
+from bnas_jax.data import dataset
 from bnas_jax.models import eval_net
 
 
@@ -71,7 +72,7 @@ class TrainedNetwork:
 
   def logits(self, images) -> jax.Array:
     """Eval-mode logits ``f32[B, classes]`` of normalised images ``f32[B, H, W, C]`` (normalised
-    as in training: `input_pipeline.normalize` with the dataset's mean and std)."""
+    as in training: `bnas_jax.data.pipeline.normalize` with the dataset's mean and std)."""
     return self._apply(self.variables, jnp.asarray(images, jnp.float32))
 
 
@@ -140,7 +141,8 @@ def load(workdir: str, step: int | None = None) -> TrainedNetwork:
     if step is None:
       index, state, meta = ckpt.restore_newest(_stored_abstract_state(directory, indices[-1]))
     else:
-      steps = {int(ckpt.restore_meta(i)["global_step"]): i for i in indices}
+      steps = {_record(ckpt.restore_meta(i), i, directory).position.global_step: i
+               for i in indices}
       if int(step) not in steps:
         raise errors.ConfigError(
             f"no checkpoint of {workdir} was taken at step {step}; the kept ones are at steps "
@@ -149,11 +151,17 @@ def load(workdir: str, step: int | None = None) -> TrainedNetwork:
       state, meta = ckpt.restore(_stored_abstract_state(directory, index), index)
   finally:
     ckpt.close()
+  position = _record(meta, index, directory).position
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   model = _create_model(config, variables, workdir)
   return TrainedNetwork(model=model, variables=variables, config=config, workdir=workdir,
-                        checkpoint=int(index), epoch=int(meta["epoch"]),
-                        global_step=int(meta["global_step"]))
+                        checkpoint=int(index), epoch=position.stage,
+                        global_step=position.global_step)
+
+
+def _record(meta, index: int, directory: str) -> run_lib.RunRecord:
+  """The run record of checkpoint `index` (an older format: `errors.ConfigError`, one line)."""
+  return run_lib.RunRecord.from_json(meta, f"checkpoint #{index} in {directory}")
 
 
 def _stored_abstract_state(directory: str, index: int) -> Any:
@@ -206,26 +214,16 @@ def metrics_on_test_set(net: TrainedNetwork, *, data_dir: str | None = None,
     'test_examples'}``, as the trainer's evaluation (``results.json``) computes them.
 
   Raises:
-    input_pipeline.DatasetError: the data cannot be read (named).
+    dataset.DatasetError: the data cannot be read (named).
   """
   config = net.config
   if data_dir is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.data_dir = data_dir
-  data = train_eval.load_data(config)
-  bs = int(batch_size or config.train.eval_batch_size)
-  if data.host_decoded:
-    it = train_eval._imagenet_batches(  # pylint: disable=protected-access
-        data.test_images, batch_size=bs, seed=0, epoch=0, mean=data.mean, std=data.std,
-        train=False, max_steps=-(-max_examples // bs) if max_examples > 0 else -1)
-  else:
-    x, y = data.test_images, data.test_labels
-    if max_examples > 0:
-      x, y = x[:max_examples], y[:max_examples]
-    it = input_pipeline.epoch_batches(x, y, batch_size=bs, seed=0, epoch=0, mean=data.mean,
-                                      std=data.std, shuffle=False, drop_remainder=False)
+  data = train_eval.create_loaders(config, eval_batch_size=batch_size,
+                                  max_eval_examples=max_examples)
   step = jax.jit(functools.partial(train_eval.eval_step, model=net.model))
-  return train_eval.test_metrics(functools.partial(step, net.variables), it)
+  return train_eval.test_metrics(functools.partial(step, net.variables), data.test.epoch(0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     net = load(args.workdir, args.step)
     m = metrics_on_test_set(net, data_dir=args.data_dir, batch_size=args.batch_size,
                      max_examples=args.max_examples)
-  except (OSError, errors.ConfigError, input_pipeline.DatasetError) as e:
+  except (OSError, errors.ConfigError, dataset.DatasetError) as e:
     print(f"bnas_jax.evaluate: error: {e}", file=sys.stderr)
     return 2
   print(f"checkpoint #{net.checkpoint} of {net.workdir} (epoch {net.epoch}, step "

@@ -34,9 +34,9 @@ from ml_collections import config_flags
 
 from bnas_jax import config_files
 from bnas_jax import errors
-from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
 from bnas_jax import xla_flags
+from bnas_jax.data import dataset as dataset_lib
 
 FLAGS = flags.FLAGS
 
@@ -174,7 +174,7 @@ def main(argv):
   logging.info("global devices: %d (%s)", jax.device_count(), jax.default_backend())
   try:
     result = runner(config, workdir)
-  except (errors.ConfigError, input_pipeline.DatasetError) as e:  # bad input, named: no traceback
+  except (errors.ConfigError, dataset_lib.DatasetError) as e:  # bad input, named: no traceback
     _exit_with_error(e)
   except errors.NonFiniteError as e:
     # The run diverged; the message names the kept checkpoint and the fix. Exit 1: not bad input.
@@ -184,7 +184,8 @@ def main(argv):
     if jax.process_count() == 1:
       raise
     _exit_multihost_failure(e)
-  stopped_by = getattr(result, "stopped_by", "")
+  stopped_by = (result.get("stopped_by", "") if isinstance(result, dict)
+                else getattr(result, "stopped_by", ""))
   if stopped_by:  # checkpointed and stopped by SIGINT / SIGTERM: the shell's 128 + signal code
     sys.exit(128 + int(getattr(signal, stopped_by)))
 

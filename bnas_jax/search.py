@@ -69,9 +69,12 @@ from bnas_jax import checkpointing
 from bnas_jax import config_files
 from bnas_jax import curvature as curvature_lib
 from bnas_jax import errors
-from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
 from bnas_jax import phases
+from bnas_jax.data import dataset as dataset_lib
+from bnas_jax.data import pipeline
+from bnas_jax.data import readers
+from bnas_jax.data import sharding as sharding_lib
 from bnas_jax.models import layers
 from bnas_jax.search_space import spaces
 
@@ -123,8 +126,8 @@ def default_config() -> ml_collections.ConfigDict:
   # function and gradients, so it may change when a run is resumed.
   c.model.remat = True
 
-  c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
-  c.data.seed = input_pipeline.follow(c, "seed")  # = c.seed unless overridden
+  c.data = dataset_lib.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
+  c.data.seed = dataset_lib.follow(c, "seed")  # = c.seed unless overridden
   c.data.cutout = 16  # warm-up epochs only (spec 5); the search epochs use search.switch_cutout
 
   c.search = ml_collections.ConfigDict()
@@ -294,15 +297,15 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def check_inputs(config: ml_collections.ConfigDict) -> None:
   """Opens every file and folder `config` names; run before the workdir is created.
 
-  The data (`input_pipeline.check_data`: the data folder and every file of its layout) and, in
+  The data (`dataset_lib.check_data`: the data folder and every file of its layout) and, in
   the nb201 space, the NAS-Bench-201 table (`_load_nb201_table`). Logs nothing.
 
   Raises:
-    input_pipeline.DatasetError: missing or unreadable data (naming config.data.data_dir).
+    dataset_lib.DatasetError: missing or unreadable data (naming config.data.data_dir).
     errors.ConfigError: a named NAS-Bench-201 table that is missing or cannot be loaded, or an
       unknown config.nb201.dataset.
   """
-  input_pipeline.check_data(config.data)
+  dataset_lib.check_data(config.data)
   _load_nb201_table(config, log=False)
 
 
@@ -667,13 +670,13 @@ class _Runner:
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
     self.space = spaces.get_space(config.space)
-    self.mesh = input_pipeline.make_mesh()
+    self.mesh = sharding_lib.make_mesh()
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
 
-    self.dataset = input_pipeline.load_dataset(config.data)
-    input_pipeline.check_image_shape(self.dataset.image_shape)
-    self.splits = input_pipeline.make_splits(self.dataset, dict(config.data.splits),
+    self.dataset = readers.load_dataset(config.data)
+    dataset_lib.check_image_shape(self.dataset.image_shape)
+    self.splits = pipeline.make_splits(self.dataset, dict(config.data.splits),
                                              int(config.data.seed))
     self.num_classes = int(self.dataset.num_classes)
     self.cell_counts = cell_counts(config)
@@ -696,7 +699,7 @@ class _Runner:
   # ---- helpers ----------------------------------------------------------------------------------
 
   def steps_in(self, split: str, batch_size: int) -> int:
-    n = input_pipeline.steps_per_epoch(len(self.splits[split][1]), batch_size)
+    n = pipeline.steps_per_epoch(len(self.splits[split][1]), batch_size)
     cap = int(self.config.search.max_steps_per_epoch)
     if n == 0:
       raise ValueError(f"the {split!r} split ({len(self.splits[split][1])} examples) is smaller "
@@ -756,10 +759,10 @@ class _Runner:
     if train:
       b = int(c.search.batch_size)
       images, labels = self.splits["search"]
-      batch = next(input_pipeline.epoch_batches(
-          images[:b], labels[:b], batch_size=b, seed=0, epoch=0, mean=self.dataset.mean,
+      batch = next(pipeline.Loader(
+          images[:b], labels[:b], batch_size=b, seed=0, mean=self.dataset.mean,
           std=self.dataset.std, augment=True, cutout=int(c.search.switch_cutout),
-          sharding=self.batch_sharding))
+          sharding=self.batch_sharding).epoch(0))
       jobs.append(("train_step", fns.train_step,
                    (spec(state), spec(self.replicate(new_train_acc())), spec(batch), True)))
     if evaluate:
@@ -843,10 +846,10 @@ class _Runner:
     steps = self.steps_in(split, b)
     # Distinct data streams per phase: the split names seed different permutations/augmentations.
     seed = _phase_seed(int(c.data.seed), split)
-    batches = input_pipeline.epoch_batches(
-        images, labels, batch_size=b, seed=seed, epoch=data_epoch, mean=self.dataset.mean,
-        std=self.dataset.std, augment=True, cutout=augment_cutout, start_step=pos.step,
-        sharding=self.batch_sharding)
+    batches = pipeline.Loader(
+        images, labels, batch_size=b, seed=seed, mean=self.dataset.mean,
+        std=self.dataset.std, augment=True, cutout=augment_cutout,
+        sharding=self.batch_sharding).epoch(data_epoch, pos.step)
     acc = self.replicate(new_train_acc())
     bar = metrics_lib.Progress(steps, desc, initial=pos.step,
                                enabled=bool(c.progress_bar) and self.is_main)
@@ -916,10 +919,10 @@ class _Runner:
     limit = int(c.search.max_eval_examples)
     if limit > 0:
       images, labels = images[:limit], labels[:limit]
-    return input_pipeline.epoch_batches(
-        images, labels, batch_size=int(c.search.eval_batch_size), seed=0, epoch=0,
+    return pipeline.Loader(
+        images, labels, batch_size=int(c.search.eval_batch_size), seed=0,
         mean=self.dataset.mean, std=self.dataset.std, augment=False, shuffle=False,
-        drop_remainder=False, sharding=self.batch_sharding)
+        drop_remainder=False, sharding=self.batch_sharding).epoch(0)
 
   def new_eval_acc(self):
     return self.replicate({k: np.zeros((), np.float32) for k in ("nll", "correct", "count")})
@@ -940,14 +943,14 @@ class _Runner:
     images, labels = self.splits["search"]
     b = _curvature_batch_size(c)
     m = int(c.curvature.num_batches)
-    available = input_pipeline.steps_per_epoch(len(labels), b)
+    available = pipeline.steps_per_epoch(len(labels), b)
     if available < m:
       raise ValueError(f"curvature.num_batches={m} batches of {b} need {m * b} search examples, "
                        f"the split has {len(labels)}")
-    batches = input_pipeline.epoch_batches(
+    batches = pipeline.Loader(
         images, labels, batch_size=b, seed=_phase_seed(int(c.data.seed), "curvature"),
-        epoch=iteration - 1, mean=self.dataset.mean, std=self.dataset.std, augment=False,
-        sharding=self.batch_sharding)
+        mean=self.dataset.mean, std=self.dataset.std, augment=False,
+        sharding=self.batch_sharding).epoch(iteration - 1)
     return itertools.islice(batches, m)
 
   def curvature_progress(self, iteration: int) -> phases.PassProgress:
@@ -1318,7 +1321,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
     NonFiniteError: a non-finite loss/gradient/prior state (the last good checkpoint is kept).
     ValueError: a bad config value (`errors.ConfigError`, named, before `workdir` is created),
       e.g. a batch size that is not a positive multiple of the device count; missing or
-      unreadable data (`input_pipeline.DatasetError`) or a named NAS-Bench-201 table that does
+      unreadable data (`dataset_lib.DatasetError`) or a named NAS-Bench-201 table that does
       not load (`check_inputs`), also before `workdir` is created.
   """
   check_config(config)

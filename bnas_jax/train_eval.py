@@ -13,27 +13,26 @@ probability rising linearly ``0.2 * epoch / epochs``, auxiliary head weight 0.4.
 evaluated after every ``eval_every_epochs`` epochs and at the end; the final test error is written to
 ``<workdir>/results.json``. ImageNet (``experiments/imagenet_eval.py``, DARTS ``train_imagenet.py``):
 250 epochs, batch 128, lr 0.1 decayed by 0.97 per epoch, wd 3e-5, label smoothing 0.1, aux 0.4, on
-TFDS ``imagenet2012`` (the ImageNet section of this file; `IMAGENET_HELP` says how to provide it).
+TFDS ``imagenet2012`` (`bnas_jax.data.imagenet`; its ``HELP`` says how to provide it).
 
 Engineering (as in `bnas_jax.search`): one `jax.jit`-ted train step over a 1-D device mesh, batch
 sharded (``NamedSharding(mesh, P('data'))``), state replicated; the state is a plain pytree
 ``{'params', 'batch_stats', 'opt_state', 'step'}``; randomness comes from
-``fold_in(key(seed), step)`` (drop path) and the data seed (`input_pipeline.batch_key`), so a run
-resumed from a checkpoint (`bnas_jax.checkpointing`, taken at every epoch end and every
-``checkpoint.every_steps`` steps) continues exactly as an uninterrupted one; TensorBoard scalars,
-a log file and a tqdm progress bar come from `bnas_jax.metrics`.
+``fold_in(key(seed), step)`` (drop path) and the data seed (`bnas_jax.data.pipeline.batch_key`),
+so a run resumed from a checkpoint (taken at every epoch end and every ``checkpoint.every_steps``
+steps) continues exactly as an uninterrupted one. The run directory, log, checkpoints (one
+`run_lib.RunRecord`: the epoch as the stage, the step, the history), stop signals and the step
+loop of an epoch come from `bnas_jax.run_lib`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -43,25 +42,24 @@ import ml_collections
 import numpy as np
 import optax
 
-from bnas_jax import checkpointing
 from bnas_jax import config_files
 from bnas_jax import errors
-from bnas_jax import input_pipeline
-from bnas_jax import metrics as metrics_lib
 from bnas_jax import phases
+from bnas_jax import run_lib
+from bnas_jax.data import dataset as dataset_lib
+from bnas_jax.data import imagenet
+from bnas_jax.data import pipeline
+from bnas_jax.data import readers
+from bnas_jax.data import sharding as sharding_lib
 from bnas_jax.models import eval_net
 from bnas_jax.models import layers
 
 # Fields that may change when a run is resumed (`config_files.write_config`); the rest would
 # change the training trajectory or the network, and are refused while checkpoints exist.
-RESUME_SAFE_FIELDS = ("log_every_steps", "progress", "checkpoint.", "data.data_dir",
-                      "model.dw_impl", "train.stop_after_steps", "train.eval_every_epochs",
-                      "distributed")
+RESUME_SAFE_FIELDS = run_lib.COMMON_RESUME_SAFE_FIELDS + ("model.dw_impl",
+                                                          "train.eval_every_epochs")
 RESULTS_JSON = "results.json"
-
-
-class NonFiniteError(errors.NonFiniteError):
-  """The training loss became NaN/inf (the last good checkpoint is kept)."""
+NonFiniteError = run_lib.NonFiniteError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -78,12 +76,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.auxiliary = True
   c.model.prev_reduce = "auto"  # BayesNAS cells: 'auto' | 'conv' | 'factorized'
   c.model.drop_mode = ""  # '' = flavour default (DARTS cells: 'path'; BayesNAS: 'channel')
-  # Depthwise convs: 'auto' = 'shift_vjp' on CPU, 'lax' on GPU/TPU (the fastest measured step);
-  # every choice computes the same function (bnas_jax.models.layers.depthwise_conv).
+  # Depthwise convs: 'auto' = 'shift_vjp' on CPU, 'lax' on GPU/TPU; every choice computes the
+  # same function (bnas_jax.models.layers.depthwise_conv).
   c.model.dw_impl = "auto"
 
-  c.data = input_pipeline.get_config()  # name, source, data_dir, num_train, num_test, seed, cutout
-  c.data.seed = input_pipeline.follow(c, "seed")  # = c.seed unless overridden
+  c.data = dataset_lib.get_config()  # name, source, data_dir, num_train, num_test, seed, cutout
+  c.data.seed = dataset_lib.follow(c, "seed")  # = c.seed unless overridden
   c.data.cutout = 16
   c.data.train_examples = -1  # > 0: train on the first N training images only (CPU variants)
 
@@ -104,15 +102,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.max_steps_per_epoch = -1  # > 0 caps every epoch (smoke tests)
   c.train.max_eval_examples = -1  # > 0 evaluates on the first N test examples only
   c.train.eval_every_epochs = 1
-  c.train.stop_after_steps = -1  # > 0: checkpoint and stop at this global step (preemption test)
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = -1  # > 0: also checkpoint mid-epoch every N steps
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.async_save = True
-  c.log_every_steps = 50
-  c.progress = True
-  return c
+  # log_every_steps, progress_bar, checkpoint.* (every_steps > 0: also checkpoint mid-epoch),
+  # debug.* (stop_after_steps, nan_at_step, signal_at_step, kill_at_step): `run_lib`.
+  return run_lib.add_common_fields(c, checkpoint_every_steps=-1, async_save=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +123,10 @@ def create_model(config: ml_collections.ConfigDict,
   dataset = ("imagenet" if name.startswith("imagenet")
              else name if name in eval_net.DATASET_DEFAULTS else "cifar10")
   m = config.model
+  if m.get("backbone", "cells") == "pyramidnet":  # the proxyless search's PyramidNet + tree cell
+    from bnas_jax.models import pyramidnet  # pylint: disable=g-import-not-at-top
+    return pyramidnet.create_pyramidnet(config.genotype, int(m.num_cells), float(m.alpha),
+                                        int(m.groups), num_classes, m.get("dw_impl", "auto"))
   return eval_net.create_eval_net(
       config.genotype, dataset=dataset, num_classes=num_classes,
       init_channels=int(m.init_channels), num_cells=int(m.num_cells),
@@ -255,334 +252,189 @@ def eval_step(state, batch, *, model):
 # Data.
 
 
-@dataclasses.dataclass
-class _Data:
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
+@dataclasses.dataclass(frozen=True)
+class RetrainData:
+  """The loaders of a retraining run.
+
+  Attributes:
+    train: the training set's `pipeline.Loader` (crop + flip + cutout) or `imagenet.Loader`.
+    test: the test set's loader (file order, last batch padded with a ``'mask'``).
+    num_classes: classifier outputs.
+    image_shape: ``(H, W, C)`` of the network's input.
+  """
+  train: Any
+  test: Any
   num_classes: int
-  mean: np.ndarray
-  std: np.ndarray
-  image_size: int = 32  # ImageNet (decoded per batch): the crop size
-
-  @property
-  def host_decoded(self) -> bool:
-    """ImageNet: images decoded and augmented on the host per batch (`_imagenet_batches`)."""
-    return isinstance(self.train_images, _TfdsImages)
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """``(H, W, C)`` of the network's input."""
-    if self.host_decoded:
-      return (self.image_size, self.image_size, 3)
-    return tuple(int(d) for d in self.train_images.shape[1:])
+  image_shape: tuple[int, int, int]
 
 
-def load_data(config: ml_collections.ConfigDict) -> _Data:
-  """CIFAR via `input_pipeline.load_dataset`; ImageNet via TFDS (`_imagenet_source`)."""
+def create_loaders(config: ml_collections.ConfigDict, *, sharding=None,
+                   eval_batch_size: int | None = None,
+                   max_eval_examples: int | None = None) -> RetrainData:
+  """The train and test loaders of `config` (ImageNet names: `bnas_jax.data.imagenet`; others:
+  `bnas_jax.data.readers.load_dataset`, the first ``data.train_examples`` training images).
+
+  Args:
+    config: a retraining config.
+    sharding: the batch sharding (None: one device).
+    eval_batch_size: default ``train.eval_batch_size``.
+    max_eval_examples: > 0 keeps the first N test examples; default ``train.max_eval_examples``.
+
+  Raises:
+    dataset.DatasetError: missing or unreadable data, or images the networks cannot take.
+  """
+  t, seed = config.train, int(config.data.seed)
+  b = int(t.batch_size)
+  eb = int(eval_batch_size or t.eval_batch_size)
+  limit = int(t.max_eval_examples if max_eval_examples is None else max_eval_examples)
+  cap = int(t.max_steps_per_epoch)
   if config.data.name.startswith("imagenet"):
-    return _imagenet_source(config)
-  ds = input_pipeline.load_dataset(config.data)
+    d = imagenet.load(config.data.data_dir)
+    common = dict(seed=seed, mean=d.mean, std=d.std, sharding=sharding)
+    return RetrainData(
+        imagenet.Loader(d.train, b, train=True, max_steps=cap, **common),
+        imagenet.Loader(d.test, eb, train=False, max_steps=-(-limit // eb) if limit > 0 else -1,
+                        **common),
+        d.num_classes, d.image_shape)
+  ds = readers.load_dataset(config.data)
+  dataset_lib.check_image_shape(ds.image_shape)
   n = int(config.data.get("train_examples", -1))
-  tr_x, tr_y = ds.train_images, ds.train_labels
-  if n > 0:
-    tr_x, tr_y = tr_x[:n], tr_y[:n]
-  return _Data(tr_x, tr_y, ds.test_images, ds.test_labels, ds.num_classes, ds.mean, ds.std)
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_HELP = (
-    "ImageNet is read with TensorFlow Datasets as 'imagenet2012' in the array_record format. "
-    "It cannot be downloaded automatically: get ILSVRC2012_img_train.tar and "
-    "ILSVRC2012_img_val.tar from https://image-net.org, put them in <manual_dir>, then run "
-    "`tfds build imagenet2012 --manual_dir <manual_dir> --data_dir <data_dir> "
-    "--file_format array_record` and pass --config.data.data_dir=<data_dir>.")
-
-
-class _TfdsImages:
-  """Lazy random-access ImageNet split: ``len``, ``[i] -> (u8[H, W, 3], label)``."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, i):
-    rec = self._source[int(i)]
-    return np.asarray(rec["image"]), int(rec["label"])
-
-
-def _imagenet_source(config) -> _Data:
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    kw = {"data_dir": config.data.data_dir} if config.data.data_dir else {}
-    train = tfds.data_source("imagenet2012", split="train", **kw)
-    test = tfds.data_source("imagenet2012", split="validation", **kw)
-  except Exception as e:  # pylint: disable=broad-except
-    raise input_pipeline.DatasetNotFoundError(
-        f"ImageNet (TFDS imagenet2012) is not available ({type(e).__name__}: {e}). "
-        f"{IMAGENET_HELP}") from e
-  return _Data(_TfdsImages(train), None, _TfdsImages(test), None, 1000,
-               np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32),
-               image_size=224)
-
-
-def _random_resized_crop(rng: np.random.Generator, img, size: int):
-  """torchvision RandomResizedCrop(size) (scale 0.08-1, ratio 3/4-4/3) + flip, with PIL."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  h, w = img.shape[:2]
-  for _ in range(10):
-    area = h * w * rng.uniform(0.08, 1.0)
-    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
-    if 0 < cw <= w and 0 < ch <= h:
-      y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-      break
-  else:
-    ch = cw = min(h, w)
-    y, x = (h - ch) // 2, (w - cw) // 2
-  out = np.asarray(Image.fromarray(img[y:y + ch, x:x + cw]).resize((size, size), Image.BILINEAR))
-  return out[:, ::-1] if rng.random() < 0.5 else out
-
-
-def _center_crop(img, size: int):
-  """Resize the short side to size / 0.875 (256 for 224), centre crop size x size."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  h, w = img.shape[:2]
-  s = int(round(size / 0.875)) / min(h, w)
-  im = Image.fromarray(img).resize((max(size, round(w * s)), max(size, round(h * s))),
-                                   Image.BILINEAR)
-  a = np.asarray(im)
-  y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-  return a[y:y + size, x:x + size]
-
-
-def _imagenet_batches(split: _TfdsImages, *, batch_size, seed, epoch, mean, std, train,
-                      start_step=0, sharding=None, max_steps=-1) -> Iterator[dict]:
-  """ImageNet batches (host decode/augment with PIL; brightness/contrast/saturation jitter 0.4
-  per image as DARTS' ColorJitter, without its hue term)."""
-  n = len(split)
-  order = input_pipeline.epoch_permutation(n, seed, epoch) if train else np.arange(n)
-  steps = n // batch_size if train else -(-n // batch_size)
-  if max_steps > 0:
-    steps = min(steps, max_steps)
-  for step in range(start_step, steps):
-    rng = np.random.default_rng([seed, epoch, step])
-    idx = order[step * batch_size:(step + 1) * batch_size]
-    valid = len(idx)
-    idx = np.concatenate([idx, np.zeros(batch_size - valid, idx.dtype)])
-    imgs, labels = [], []
-    for i in idx:
-      img, label = split[i]
-      if img.shape[-1] == 1:
-        img = np.repeat(img, 3, -1)
-      if train:
-        img = _random_resized_crop(rng, img, 224).astype(np.float32) / 255.0
-        for f in rng.permutation(3):
-          a = rng.uniform(0.6, 1.4)
-          ref = (0.0 if f == 0 else img.mean() if f == 1
-                 else img.mean(-1, keepdims=True))
-          img = np.clip(ref + a * (img - ref), 0.0, 1.0)
-      else:
-        img = _center_crop(img, 224).astype(np.float32) / 255.0
-      imgs.append((img - mean) / std)
-      labels.append(label)
-    batch = {"image": np.stack(imgs).astype(np.float32), "label": np.asarray(labels, np.int32),
-             "mask": (np.arange(batch_size) < valid).astype(np.float32)}
-    yield (input_pipeline.shard_batch(batch, sharding, batch_size) if sharding is not None
-           else {k: jnp.asarray(v) for k, v in batch.items()})
+  tr_x, tr_y = (ds.train_images[:n], ds.train_labels[:n]) if n > 0 else (ds.train_images,
+                                                                         ds.train_labels)
+  te_x, te_y = (ds.test_images[:limit], ds.test_labels[:limit]) if limit > 0 else (
+      ds.test_images, ds.test_labels)
+  if pipeline.steps_per_epoch(len(tr_y), b) == 0:
+    raise dataset_lib.DatasetError(f"{len(tr_y)} training examples are fewer than one batch "
+                                   f"(config.train.batch_size={b})")
+  train = pipeline.Loader(tr_x, tr_y, b, seed, ds.mean, ds.std, augment=True,
+                          cutout=int(config.data.cutout), sharding=sharding, max_steps=cap)
+  test = pipeline.Loader(te_x, te_y, eb, 0, ds.mean, ds.std, shuffle=False,
+                         drop_remainder=False, sharding=sharding)
+  return RetrainData(train, test, int(ds.num_classes), ds.image_shape)
 
 
 # --------------------------------------------------------------------------------------------------
-# The loop.
+# The run.
 
 
-def _to_py(x):
-  if isinstance(x, (np.generic, jax.Array)):
-    return np.asarray(x).item()
-  raise TypeError(f"not JSON serialisable: {type(x)}")
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes training of) `config.genotype` from scratch in `workdir`.
+
+  Args:
+    config: a retraining config (`default_config` fields; ``experiments/cifar_eval.py``).
+    workdir: run directory (config.json, log.txt, tensorboard/, checkpoints/, results.json). A
+      workdir that holds checkpoints is resumed from the latest one.
+
+  Returns:
+    The results dict also written to ``<workdir>/results.json`` (params, history, final test
+    error/accuracy when all epochs are done; ``stopped_by``: the signal that stopped the run, or
+    '').
+
+  Raises:
+    NonFiniteError: the loss became non-finite (the last good checkpoint is kept).
+    ValueError / dataset.DatasetError: bad config values or missing data (named, before
+      `workdir` is created).
+  """
+  check_config(config)
+  check_inputs(config)
+  with run_lib.open_workdir(config, workdir, RESUME_SAFE_FIELDS) as workdir:
+    run_ = run_lib.Run(config, workdir)
+    try:
+      return _train(config, run_)
+    finally:
+      run_.close()
 
 
-class _Trainer:
-  """Holds the per-run objects; `run` is the entry point."""
+def _train(config: ml_collections.ConfigDict, run_: run_lib.Run) -> dict[str, Any]:
+  c, t0 = config, time.time()
+  mesh = sharding_lib.make_mesh()
+  replicated = NamedSharding(mesh, P())
+  data = create_loaders(c, sharding=sharding_lib.batch_sharding(mesh))
+  model = create_model(c, data.num_classes)
+  steps = data.train.steps
+  tx = create_optimizer(c.train, steps)
+  init = functools.partial(init_state, model, tx, data.image_shape)
+  # Each compilation is logged before it starts (what, and how long it took last time).
+  program = json.dumps({"genotype": c.genotype, "model": c.model.to_dict(),
+                        "train": c.train.to_dict(), "image_shape": data.image_shape},
+                       sort_keys=True, default=str)
+  logged = functools.partial(phases.LoggedJit, detail=f"genotype {c.genotype}", program=program)
+  train_fn = logged(jax.jit(
+      functools.partial(train_step, model=model, tx=tx, seed=int(c.seed),
+                        aux_weight=float(c.train.aux_weight),
+                        label_smoothing=float(c.train.label_smoothing)),
+      donate_argnums=(0,), out_shardings=(replicated, replicated)), "train step")
+  eval_fn = logged(jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated),
+                   "eval step")
+  lr_fn = learning_rate_fn(c.train, steps)
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = c = config
-    self.workdir = workdir
-    self.is_main = jax.process_index() == 0
-    self.mesh = input_pipeline.make_mesh()
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = input_pipeline.batch_sharding(self.mesh)
-    self.data = load_data(c)
-    input_pipeline.check_image_shape(self.data.image_shape)
-    self.model = create_model(c, self.data.num_classes)
-    n_train = len(self.data.train_images)
-    steps = input_pipeline.steps_per_epoch(n_train, int(c.train.batch_size))
-    if steps == 0:
-      raise ValueError(f"{n_train} training examples are fewer than one batch "
-                       f"(config.train.batch_size={c.train.batch_size})")
-    cap = int(c.train.max_steps_per_epoch)
-    self.steps_per_epoch = min(steps, cap) if cap > 0 else steps
-    self.tx = create_optimizer(c.train, self.steps_per_epoch)
-    self.writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"),
-                                           enabled=self.is_main)
-    self.ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=int(c.checkpoint.max_to_keep),
-        async_save=bool(c.checkpoint.async_save))
-    self.save_index = self.ckpt.latest_index() or 0
-    self.history: list[dict[str, Any]] = []
-    self._init = functools.partial(init_state, self.model, self.tx, self.data.image_shape)
-    # Each compilation is logged before it starts (what, and how long it took last time).
-    program = json.dumps({"genotype": c.genotype, "model": c.model.to_dict(),
-                          "train": c.train.to_dict(), "image_shape": self.data.image_shape},
-                         sort_keys=True, default=str)
-    self._logged = functools.partial(phases.LoggedJit, detail=f"genotype {c.genotype}",
-                                     program=program)
-    self.train_step = self._logged(jax.jit(
-        functools.partial(train_step, model=self.model, tx=self.tx, seed=int(c.seed),
-                          aux_weight=float(c.train.aux_weight),
-                          label_smoothing=float(c.train.label_smoothing)),
-        donate_argnums=(0,), out_shardings=(self.replicated, self.replicated)), "train step")
-    self.eval_step = self._logged(jax.jit(functools.partial(eval_step, model=self.model),
-                                          out_shardings=self.replicated), "eval step")
+  counts = eval_net.param_counts(model, image_size=data.image_shape)
+  epochs = int(c.train.epochs)
+  logging.info("genotype %s: %s params (aux head %s), %d steps/epoch, %d epochs", c.genotype,
+               f"{counts['params']:,}", f"{counts['aux_params']:,}", steps, epochs)
+  restored = run_.restore(run_lib.abstract_state(init, jax.random.key(0), replicated))
+  if restored is None:
+    state = logged(jax.jit(init, out_shardings=replicated), "state initialisation")(
+        jax.random.key(int(c.seed)))
+    record = run_lib.RunRecord()
+  else:
+    state, record = restored
+  pos, history = record.position, list(record.history)
 
-  # ---- state ------------------------------------------------------------------------------------
+  ended = run_lib.FINISHED
+  while pos.stage < epochs:  # stage = epoch
+    epoch = pos.stage
+    drop = jnp.asarray(drop_prob_at(c.train, epoch), jnp.float32)
 
-  def abstract_state(self):
-    shapes = jax.eval_shape(self._init, jax.random.key(0))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
-                        shapes)
+    def flush(carry, p, seconds, n, epoch=epoch, drop=drop):
+      m = jax.device_get(carry[1])
+      if not all(np.isfinite(v) for v in m.values()):
+        raise run_.nonfinite(f"training metrics {m}", f"epoch {epoch + 1}, optimiser step "
+                             f"{p.global_step}", "Lower config.train.lr or check the data")
+      m.update(lr=float(lr_fn(p.global_step - 1)), drop_prob=float(drop),
+               step_time_s=seconds / max(n, 1))
+      run_.writer.write_scalars(p.global_step, m, log=False, prefix="train/")
+      return carry
 
-  def restore_or_init(self):
-    if self.ckpt.latest_index() is not None:
-      # The newest checkpoint that restores (damaged ones are skipped with a warning each).
-      index, state, meta = self.ckpt.restore_newest(self.abstract_state())
-      self.history = list(meta.get("history", []))
-      logging.info("resumed from checkpoint %d: epoch %d, step %d", index, meta["epoch"],
-                   meta["step"])
-      return state, int(meta["epoch"]), int(meta["step"])
-    init = self._logged(jax.jit(self._init, out_shardings=self.replicated), "state initialisation")
-    return init(jax.random.key(int(self.config.seed))), 0, 0
-
-  def save(self, state, epoch: int, step: int):
-    self.save_index += 1
-    if self.config.checkpoint.async_save:
-      state = jax.tree.map(jnp.copy, state)  # live buffers are donated to the next step
-    self.ckpt.save(self.save_index, state, {"epoch": epoch, "step": step,
-                                             "global_step": epoch * self.steps_per_epoch + step,
-                                             "history": self.history})
-
-  # ---- batches ----------------------------------------------------------------------------------
-
-  def train_batches(self, epoch: int, start_step: int):
-    c, d = self.config, self.data
-    if d.host_decoded:
-      return _imagenet_batches(d.train_images, batch_size=int(c.train.batch_size),
-                               seed=int(c.data.seed), epoch=epoch, mean=d.mean, std=d.std,
-                               train=True, start_step=start_step, sharding=self.batch_sharding,
-                               max_steps=self.steps_per_epoch)
-    it = input_pipeline.epoch_batches(
-        d.train_images, d.train_labels, batch_size=int(c.train.batch_size), seed=int(c.data.seed),
-        epoch=epoch, mean=d.mean, std=d.std, augment=True, cutout=int(c.data.cutout),
-        start_step=start_step, sharding=self.batch_sharding)
-    return (b for _, b in zip(range(start_step, self.steps_per_epoch), it))
-
-  def evaluate(self, state) -> dict[str, float]:
-    c, d = self.config, self.data
-    bs = int(c.train.eval_batch_size)
-    limit = int(c.train.max_eval_examples)
-    if d.host_decoded:
-      max_steps = -(-limit // bs) if limit > 0 else -1
-      it = _imagenet_batches(d.test_images, batch_size=bs, seed=0, epoch=0, mean=d.mean,
-                             std=d.std, train=False, sharding=self.batch_sharding,
-                             max_steps=max_steps)
-    else:
-      x, y = d.test_images, d.test_labels
-      if limit > 0:
-        x, y = x[:limit], y[:limit]
-      it = input_pipeline.epoch_batches(x, y, batch_size=bs, seed=0, epoch=0, mean=d.mean,
-                                        std=d.std, shuffle=False, drop_remainder=False,
-                                        sharding=self.batch_sharding)
-    return test_metrics(functools.partial(self.eval_step, state), it)
-
-  # ---- loop -------------------------------------------------------------------------------------
-
-  def run(self) -> dict[str, Any]:
-    c = self.config
-    t0 = time.time()
-    counts = eval_net.param_counts(self.model, image_size=self.data.image_shape)
-    logging.info("genotype %s: %s params (aux head %s), %d steps/epoch, %d epochs",
-                 c.genotype, f"{counts['params']:,}", f"{counts['aux_params']:,}",
-                 self.steps_per_epoch, int(c.train.epochs))
-    state, epoch, start = self.restore_or_init()
-    epochs = int(c.train.epochs)
-    log_every = max(1, int(c.log_every_steps))
-    ckpt_every = int(c.checkpoint.every_steps)
-    stop_at = int(c.train.stop_after_steps)
-    stopped = False
-    while epoch < epochs and not stopped:
-      drop = jnp.asarray(drop_prob_at(c.train, epoch), jnp.float32)
-      bar = metrics_lib.Progress(self.steps_per_epoch, f"train epoch {epoch + 1}/{epochs}",
-                                 initial=start, enabled=self.is_main and bool(c.progress))
-      acc: dict[str, float] = {}
-      n_acc = 0
-      step = start
-      for batch in self.train_batches(epoch, start):
-        state, m = self.train_step(state, batch, drop)
-        step += 1
-        gstep = epoch * self.steps_per_epoch + step
-        if step % log_every == 0 or step == self.steps_per_epoch:
-          m = jax.device_get(m)
-          if not all(np.isfinite(v) for v in m.values()):
-            self.ckpt.wait()
-            raise NonFiniteError(f"non-finite training metrics {m} at epoch {epoch} step {step}; "
-                                 f"the last good checkpoint is kept in {self.ckpt.directory}")
-          m["lr"] = float(learning_rate_fn(c.train, self.steps_per_epoch)(gstep - 1))
-          m["drop_prob"] = float(drop)
-          self.writer.write_scalars(gstep, m, log=False, prefix="train/")
-          bar.update(0, loss=m["loss"], acc=m["accuracy"])
-        bar.update(1)
-        if 0 < stop_at <= gstep:
-          stopped = True
-          break
-        if ckpt_every > 0 and step % ckpt_every == 0 and step < self.steps_per_epoch:
-          self.save(state, epoch, step)
-      bar.close()
-      if stopped and step < self.steps_per_epoch:
-        self.save(state, epoch, step)
-        break
-      epoch, start = epoch + 1, 0
-      record = {"epoch": epoch, "wall_s": time.time() - t0}
-      if epoch % max(1, int(c.train.eval_every_epochs)) == 0 or epoch == epochs:
-        record.update(self.evaluate(state))
-        self.writer.write_scalars(epoch * self.steps_per_epoch, {
-            k: v for k, v in record.items() if k.startswith("test_")})
-      self.history.append(record)
-      logging.info("epoch %d/%d: %s", epoch, epochs, json.dumps(record, default=_to_py))
-      self.save(state, epoch, 0)
-    self.ckpt.wait()
-    result = {"genotype": c.genotype, "epochs_done": epoch, "epochs": epochs, **counts,
-              "steps_per_epoch": self.steps_per_epoch, "history": self.history,
-              "wall_s_this_process": time.time() - t0}
-    if epoch == epochs and self.history and "test_error" in self.history[-1]:
-      result.update({k: v for k, v in self.history[-1].items() if k.startswith("test_")})
-    if self.is_main:
-      with open(os.path.join(self.workdir, RESULTS_JSON), "w") as f:
-        json.dump(result, f, indent=2, default=_to_py)
-    self.state = state
-    return result
-
-  def close(self):
-    self.ckpt.close()
-    self.writer.close()
+    (state, _), pos, ended = run_.train_stage(
+        (state, None), pos, data.train.epoch(epoch, pos.step),
+        lambda carry, batch, drop=drop: train_fn(carry[0], batch, drop), steps=steps,
+        desc=f"train epoch {epoch + 1}/{epochs}", flush=flush,
+        save=lambda carry, p: run_.save(carry[0], run_lib.RunRecord(p, history)))
+    if ended != run_lib.FINISHED:
+      break
+    pos = pos.next_stage()
+    entry = {"epoch": pos.stage, "wall_s": time.time() - t0}
+    if pos.stage % max(1, int(c.train.eval_every_epochs)) == 0 or pos.stage == epochs:
+      entry.update(test_metrics(functools.partial(eval_fn, state), data.test.epoch(0)))
+      run_.writer.write_scalars(pos.global_step,
+                                {k: v for k, v in entry.items() if k.startswith("test_")})
+    history.append(entry)
+    logging.info("epoch %d/%d: %s", pos.stage, epochs,
+                 json.dumps(entry, default=run_lib.to_json_value))
+    run_.save(state, run_lib.RunRecord(pos, history))
+    if pos.stage < epochs and run_.stop.agreed():
+      ended = run_lib.STOPPED
+      break
+  if ended == run_lib.STOPPED:
+    run_.stopped_warning(pos)
+  run_.checkpoints.wait()
+  result = {"genotype": c.genotype, "epochs_done": pos.stage, "epochs": epochs, **counts,
+            "steps_per_epoch": steps, "history": history,
+            "wall_s_this_process": time.time() - t0,
+            "stopped_by": run_.stop.name if ended == run_lib.STOPPED else ""}
+  if pos.stage == epochs and history and "test_error" in history[-1]:
+    result.update({k: v for k, v in history[-1].items() if k.startswith("test_")})
+  if run_.is_main:
+    with open(os.path.join(run_.workdir, RESULTS_JSON), "w") as f:
+      json.dump(result, f, indent=2, default=run_lib.to_json_value)
+  return result
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `errors.ConfigError` naming a bad model field or batch size, before the workdir is
-  created."""
+  """Raises `errors.ConfigError` naming a bad model field, batch size or common field, before the
+  workdir is created."""
+  run_lib.check_common_fields(config)
   config_files.check_batch_sizes({f"train.{k}": config.train[k]
                                   for k in ("batch_size", "eval_batch_size")}, jax.device_count())
   try:
@@ -600,42 +452,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
-  """Opens the data `config` names (`input_pipeline.check_data`); run before the workdir is
-  created. The genotype file is read by `check_config`.
+  """Opens the data `config` names (`bnas_jax.data.dataset.check_data`); run before the workdir
+  is created. The genotype file is read by `check_config`.
 
   Raises:
-    input_pipeline.DatasetError: missing or unreadable data (naming config.data.data_dir).
+    dataset.DatasetError: missing or unreadable data (naming config.data.data_dir).
   """
-  input_pipeline.check_data(config.data)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes training of) `config.genotype` from scratch in `workdir`.
-
-  Args:
-    config: a retraining config (`default_config` fields; ``experiments/cifar_eval.py``).
-    workdir: run directory (config.json, log.txt, tensorboard/, checkpoints/, results.json). A
-      workdir that holds checkpoints is resumed from the latest one.
-
-  Returns:
-    The results dict also written to ``<workdir>/results.json`` (params, history, final test
-    error/accuracy when all epochs are done).
-
-  Raises:
-    NonFiniteError: the loss became non-finite.
-    ValueError / input_pipeline.DatasetError: bad config values or missing data (named, before
-      `workdir` is created).
-  """
-  check_config(config)
-  check_inputs(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  with (metrics_lib.LogFile(workdir) if is_main else contextlib.nullcontext()):
-    if is_main:
-      config_files.write_config(config, workdir, RESUME_SAFE_FIELDS)
-    trainer = _Trainer(config, workdir)
-    try:
-      return trainer.run()
-    finally:
-      trainer.close()
+  dataset_lib.check_data(config.data)

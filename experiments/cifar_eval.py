@@ -67,7 +67,7 @@ def get_config(arg=None):
     config.train.eval_batch_size = 250
     config.train.drop_prob = 0.0
     config.log_every_steps = 1
-    config.progress = False
+    config.progress_bar = False
     return config
   raise ValueError(f"unknown variant {arg!r} of experiments/cifar_eval.py; use '', 'cpu' or "
                    "'tiny'")

@@ -26,12 +26,13 @@ import os
 import jax
 import pytest
 
-from bnas_jax import input_pipeline
+from bnas_jax.data import dataset
+from bnas_jax.data import prepare
 
 
 def _cache_dir() -> str:
   path = os.path.expanduser(os.environ.get('BNAS_DATA_CACHE') or os.environ.get('BNAS_DATA_DIR')
-                            or input_pipeline.DEFAULT_CACHE)
+                            or dataset.DEFAULT_CACHE)
   os.makedirs(path, exist_ok=True)
   return path
 
@@ -51,19 +52,19 @@ def data_cache_dir() -> str:
 @pytest.fixture(scope='session')
 def shared_dir() -> str:
   """The project's read-only shared/ folder."""
-  return input_pipeline.find_shared_dir()
+  return prepare.find_shared_dir()
 
 
 @pytest.fixture(scope='session')
 def cifar10_bin_dir(data_cache_dir, shared_dir) -> str:
   """Path of a complete ``cifar-10-batches-bin`` folder (JPEG-derived CIFAR-10)."""
-  return input_pipeline.build_cifar10_from_shared(data_cache_dir, shared_dir)
+  return prepare.build_cifar10_from_shared(data_cache_dir, shared_dir)
 
 
 @pytest.fixture(scope='session')
 def cifar10_subset_dir(data_cache_dir, shared_dir) -> str:
   """Path of the lossless 4,000/1,000 CIFAR-10 subset in the binary layout."""
-  return input_pipeline.build_cifar10_subset_from_shared(data_cache_dir, shared_dir)
+  return prepare.build_cifar10_subset_from_shared(data_cache_dir, shared_dir)
 
 
 @pytest.fixture(scope='module')

@@ -67,5 +67,5 @@ def tiny_retrain_config(genotype_path: str, data_dir: str, **train):
   c.train.eval_batch_size = 100
   for k, v in train.items():
     c.train[k] = v
-  c.progress = False
+  c.progress_bar = False
   return c

@@ -1,4 +1,5 @@
-"""Tests for bnas_jax.input_pipeline on the real CIFAR-10 data (fixtures in conftest.py)."""
+"""Tests of the data package (`bnas_jax.data`: dataset, readers, prepare, pipeline, sharding) on the
+real CIFAR-10 data (fixtures in conftest.py)."""
 
 from __future__ import annotations
 
@@ -19,20 +20,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bnas_jax import input_pipeline as ip
+from bnas_jax.data import dataset
+from bnas_jax.data import pipeline
+from bnas_jax.data import prepare
+from bnas_jax.data import readers
+from bnas_jax.data import sharding as sharding_lib
 
 SIZES = {'warmup': 5_000, 'search': 40_000, 'val': 5_000}
-MEAN, STD = np.asarray(ip.CIFAR10_MEAN, np.float32), np.asarray(ip.CIFAR10_STD, np.float32)
+MEAN, STD = np.asarray(dataset.CIFAR10_MEAN, np.float32), np.asarray(dataset.CIFAR10_STD, np.float32)
+
+
+def epoch_batches(images, labels, *, epoch, start_step=0, **loader):
+  """The batches of `epoch` from a `pipeline.Loader` of the other arguments."""
+  return pipeline.Loader(images, labels, **loader).epoch(epoch, start_step)
 
 
 @pytest.fixture(scope='module')
 def full(cifar10_bin_dir):
-  return ip.load_local('cifar10', cifar10_bin_dir)
+  return readers.load_local('cifar10', cifar10_bin_dir)
 
 
 @pytest.fixture(scope='module')
 def subset(cifar10_subset_dir):
-  return ip.load_local('cifar10', cifar10_subset_dir, num_train=4000, num_test=1000)
+  return readers.load_local('cifar10', cifar10_subset_dir, num_train=4000, num_test=1000)
 
 
 @pytest.fixture(scope='module')
@@ -93,10 +103,10 @@ def test_lossless_subset_known_labels_and_pixels(subset, full, index_tsv):
 
 
 def test_normalised_training_split_statistics(full):
-  images, labels = ip.make_splits(full, SIZES, seed=0)['search']
+  images, labels = pipeline.make_splits(full, SIZES, seed=0)['search']
   total = np.zeros(3)
   total_sq = np.zeros(3)
-  for batch in ip.epoch_batches(images, labels, batch_size=2_000, seed=0, epoch=0, mean=full.mean,
+  for batch in epoch_batches(images, labels, batch_size=2_000, seed=0, epoch=0, mean=full.mean,
                                 std=full.std, shuffle=False):
     x = np.asarray(batch['image'], np.float64).reshape(-1, 3)
     total += x.sum(0)
@@ -112,7 +122,7 @@ def test_normalised_training_split_statistics(full):
 
 def test_parent_dir_and_layout_dir_both_work(cifar10_subset_dir, subset):
   parent = os.path.dirname(cifar10_subset_dir)
-  again = ip.load_dataset({'source': 'local', 'name': 'cifar10', 'data_dir': parent,
+  again = readers.load_dataset({'source': 'local', 'name': 'cifar10', 'data_dir': parent,
                            'num_train': 4000, 'num_test': 1000})
   np.testing.assert_array_equal(again.train_images, subset.train_images)
   np.testing.assert_array_equal(again.test_labels, subset.test_labels)
@@ -133,36 +143,36 @@ def _layout_with(tmp_path, src_dir, replace: dict[str, bytes | None]):
 
 def test_missing_path_is_a_clear_error(tmp_path):
   missing = str(tmp_path / 'no_such_dir')
-  with pytest.raises(ip.DatasetNotFoundError, match='no_such_dir.*does not exist'):
-    ip.load_local('cifar10', missing)
+  with pytest.raises(dataset.DatasetNotFoundError, match='no_such_dir.*does not exist'):
+    readers.load_local('cifar10', missing)
   with pytest.raises(FileNotFoundError):
-    ip.load_local('cifar10', missing)
+    readers.load_local('cifar10', missing)
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(ip.DatasetNotFoundError, match="cifar-10-batches-bin"):
-    ip.load_local('cifar10', str(tmp_path / 'empty'))
+  with pytest.raises(dataset.DatasetNotFoundError, match="cifar-10-batches-bin"):
+    readers.load_local('cifar10', str(tmp_path / 'empty'))
 
 
 def test_truncated_and_short_files_are_clear_errors(tmp_path, cifar10_bin_dir):
   batch3 = open(os.path.join(cifar10_bin_dir, 'data_batch_3.bin'), 'rb').read()
   cut_mid_record = _layout_with(tmp_path / 'a', cifar10_bin_dir,
                                 {'data_batch_3.bin': batch3[:1_000_000]})
-  with pytest.raises(ip.DatasetError, match=r'data_batch_3\.bin.*1,000,000 bytes.*3,073'):
-    ip.load_local('cifar10', cut_mid_record)
+  with pytest.raises(dataset.DatasetError, match=r'data_batch_3\.bin.*1,000,000 bytes.*3,073'):
+    readers.load_local('cifar10', cut_mid_record)
   one_record_short = _layout_with(tmp_path / 'b', cifar10_bin_dir,
                                   {'data_batch_3.bin': batch3[:-3073]})
-  with pytest.raises(ip.DatasetError, match=r'expected 50,000 records, found 49,999.*data_batch_3'):
-    ip.load_local('cifar10', one_record_short)
+  with pytest.raises(dataset.DatasetError, match=r'expected 50,000 records, found 49,999.*data_batch_3'):
+    readers.load_local('cifar10', one_record_short)
   no_test = _layout_with(tmp_path / 'c', cifar10_bin_dir, {'test_batch.bin': None})
-  with pytest.raises(ip.DatasetNotFoundError, match=r'test_batch\.bin'):
-    ip.load_local('cifar10', no_test)
+  with pytest.raises(dataset.DatasetNotFoundError, match=r'test_batch\.bin'):
+    readers.load_local('cifar10', no_test)
   no_batch5 = _layout_with(tmp_path / 'd', cifar10_bin_dir, {'data_batch_5.bin': None})
-  with pytest.raises(ip.DatasetError, match=r'expected 50,000 records, found 40,000'):
-    ip.load_local('cifar10', no_batch5)
+  with pytest.raises(dataset.DatasetError, match=r'expected 50,000 records, found 40,000'):
+    readers.load_local('cifar10', no_batch5)
   # More records than the config expects (the full set where a subset config was written for a
   # subset folder): the fix named is the data folder, not a truncated file.
-  with pytest.raises(ip.DatasetError, match=r'expected 4,000 records \(config.data.num_train / '
+  with pytest.raises(dataset.DatasetError, match=r'expected 4,000 records \(config.data.num_train / '
                      r'num_test\), found 50,000 .*Point config.data.data_dir at the folder'):
-    ip.load_local('cifar10', cifar10_bin_dir, num_train=4_000)
+    readers.load_local('cifar10', cifar10_bin_dir, num_train=4_000)
 
 
 def _write_py_layout(folder, name, parts: dict[str, dict]):
@@ -185,14 +195,14 @@ def test_python_pickle_layout_cifar10(tmp_path, subset):
                        b'labels': subset.train_labels[2500:].tolist()},
       'test_batch': {b'data': _planes(subset.test_images), b'labels': subset.test_labels.tolist()},
   })
-  ds = ip.load_local('cifar10', str(tmp_path), num_train=4000, num_test=1000)
+  ds = readers.load_local('cifar10', str(tmp_path), num_train=4000, num_test=1000)
   np.testing.assert_array_equal(ds.train_images, subset.train_images)
   np.testing.assert_array_equal(ds.train_labels, subset.train_labels)
   np.testing.assert_array_equal(ds.test_images, subset.test_images)
   raw = (folder / 'test_batch').read_bytes()
   (folder / 'test_batch').write_bytes(raw[:len(raw) // 2])
-  with pytest.raises(ip.DatasetError, match=r'test_batch.*truncated'):
-    ip.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
+  with pytest.raises(dataset.DatasetError, match=r'test_batch.*truncated'):
+    readers.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
 
 
 class _Py2Pickler(pickle._Pickler):  # pylint: disable=protected-access
@@ -234,7 +244,7 @@ def test_python_layout_of_python2_and_every_protocol_loads(tmp_path, subset):
        b'batch_label': b'training batch 2 of 2'}, protocol=2))
   (folder / 'test_batch').write_bytes(pickle.dumps(
       {b'data': _planes(subset.test_images), b'labels': list(subset.test_labels)}, protocol=5))
-  ds = ip.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
+  ds = readers.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
   np.testing.assert_array_equal(ds.train_images, subset.train_images)
   np.testing.assert_array_equal(ds.train_labels, subset.train_labels)
   np.testing.assert_array_equal(ds.test_images, subset.test_images)
@@ -266,8 +276,8 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, subset):
     for protocol in (2, 5):
       (folder / 'data_batch_1').write_bytes(pickle.dumps(
           {b'data': payload, b'labels': subset.train_labels.tolist()}, protocol=protocol))
-      with pytest.raises(ip.DatasetError) as e:
-        ip.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
+      with pytest.raises(dataset.DatasetError) as e:
+        readers.load_local('cifar10', str(folder), num_train=4000, num_test=1000)
       message = str(e.value)
       assert '\n' not in message and 'data_batch_1' in message, message
       # (protocol 2 writes Python 2 module names: __builtin__.eval)
@@ -293,58 +303,58 @@ def test_cifar100_binary_and_python_layouts(tmp_path, subset):
                b'coarse_labels': coarse[4000:].tolist()},
   })
   for sub in ('bin', 'py'):
-    ds = ip.load_local('cifar100', str(tmp_path / sub), num_train=4000, num_test=1000)
+    ds = readers.load_local('cifar100', str(tmp_path / sub), num_train=4000, num_test=1000)
     assert ds.num_classes == 100
-    np.testing.assert_array_equal(ds.mean, np.float32(ip.CIFAR100_MEAN))
+    np.testing.assert_array_equal(ds.mean, np.float32(dataset.CIFAR100_MEAN))
     np.testing.assert_array_equal(ds.train_images, subset.train_images)
     np.testing.assert_array_equal(ds.test_images, subset.test_images)
     np.testing.assert_array_equal(ds.train_labels, fine[:4000])
     np.testing.assert_array_equal(ds.test_labels, fine[4000:])
   # A CIFAR-10 file read as CIFAR-100 has the wrong record size.
   (bin_dir / 'test.bin').write_bytes(records[4000:, 1:].tobytes()[:3073 * 7])
-  with pytest.raises(ip.DatasetError, match=r'test\.bin.*3,074'):
-    ip.load_local('cifar100', str(bin_dir), num_train=4000, num_test=1000)
+  with pytest.raises(dataset.DatasetError, match=r'test\.bin.*3,074'):
+    readers.load_local('cifar100', str(bin_dir), num_train=4000, num_test=1000)
 
 
 def test_tfds_source_reads_array_record_data_source():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=6):
-    ds = ip.load_dataset({'source': 'tfds', 'name': 'cifar10', 'num_train': 6, 'num_test': 6})
+    ds = readers.load_dataset({'source': 'tfds', 'name': 'cifar10', 'num_train': 6, 'num_test': 6})
     ref = tfds.data_source('cifar10', split='train')
     assert ds.train_images.shape == (6, 32, 32, 3) and ds.train_images.dtype == np.uint8
     np.testing.assert_array_equal(ds.train_images[3], ref[3]['image'])
     np.testing.assert_array_equal(ds.train_labels, [ref[i]['label'] for i in range(6)])
-    with pytest.raises(ip.DatasetError, match='expected 50,000 records, found 6'):
-      ip.load_tfds('cifar10')
+    with pytest.raises(dataset.DatasetError, match='expected 50,000 records, found 6'):
+      readers.load_tfds('cifar10')
   assert 'tensorflow' not in sys.modules
 
 
 def test_tfds_not_prepared_is_a_clear_error(tmp_path):
-  with pytest.raises(ip.DatasetError, match='prepare'):
-    ip.load_tfds('cifar10', str(tmp_path))
+  with pytest.raises(dataset.DatasetError, match='prepare'):
+    readers.load_tfds('cifar10', str(tmp_path))
 
 
 def test_config_validation():
-  cfg = ip.get_config()
+  cfg = dataset.get_config()
   assert cfg.source == 'local' and cfg.data_dir is None and dict(cfg.splits) == SIZES
   cfg.data_dir = '/x'  # The placeholder accepts a string override.
-  with pytest.raises(ip.DatasetError, match='source'):
-    ip.load_dataset({'source': 'ftp'})
-  with pytest.raises(ip.DatasetError, match='cifar10'):
-    ip.load_dataset({'name': 'mnist'})
+  with pytest.raises(dataset.DatasetError, match='source'):
+    readers.load_dataset({'source': 'ftp'})
+  with pytest.raises(dataset.DatasetError, match='cifar10'):
+    readers.load_dataset({'name': 'mnist'})
 
 
 def test_build_from_shared_reuses_complete_folder(cifar10_bin_dir, data_cache_dir, shared_dir):
   mtime = os.path.getmtime(os.path.join(cifar10_bin_dir, 'data_batch_1.bin'))
-  assert ip.build_cifar10_from_shared(data_cache_dir, shared_dir) == cifar10_bin_dir
+  assert prepare.build_cifar10_from_shared(data_cache_dir, shared_dir) == cifar10_bin_dir
   assert os.path.getmtime(os.path.join(cifar10_bin_dir, 'data_batch_1.bin')) == mtime
 
 
 def test_build_subset_command_copies_the_lossless_subset(tmp_path, shared_dir, capsys):
-  assert ip.main(['build-subset', '--data_dir', str(tmp_path), '--shared', shared_dir]) == 0
+  assert prepare.main(['build-subset', '--data_dir', str(tmp_path), '--shared', shared_dir]) == 0
   out = capsys.readouterr().out.strip()
   assert out == str(tmp_path / 'cifar10-lossless-subset' / 'cifar-10-batches-bin')
-  ds = ip.load_local('cifar10', out, num_train=4000, num_test=1000)
+  ds = readers.load_local('cifar10', out, num_train=4000, num_test=1000)
   src = os.path.join(shared_dir, 'data', 'cifar10-lossless-subset', 'data_batch_1_first4000.bin')
   with open(src, 'rb') as f:  # the first record, byte for byte: label, then CHW pixels
     first = np.frombuffer(f.read(3073), np.uint8)
@@ -354,14 +364,14 @@ def test_build_subset_command_copies_the_lossless_subset(tmp_path, shared_dir, c
 
 def test_build_commands_with_a_bogus_shared_folder_fail_cleanly(tmp_path, capsys):
   for command in ('build-subset', 'build-shared'):
-    assert ip.main([command, '--data_dir', str(tmp_path / 'data'),
+    assert prepare.main([command, '--data_dir', str(tmp_path / 'data'),
                     '--shared', str(tmp_path / 'nope')]) == 2
     assert 'does not exist' in capsys.readouterr().err
   assert not (tmp_path / 'data').exists()  # no lock files or folders left behind
 
 
 def test_check_command(cifar10_subset_dir, capsys):
-  assert ip.main(['check', '--data_dir', cifar10_subset_dir, '--num_train', '4000',
+  assert prepare.main(['check', '--data_dir', cifar10_subset_dir, '--num_train', '4000',
                   '--num_test', '1000']) == 0
   assert 'train (4000, 32, 32, 3)' in capsys.readouterr().out
 
@@ -376,14 +386,14 @@ def test_splitmix64_reference_vectors():
   gamma = 0x9E3779B97F4A7C15
   states = np.array([(1234567 + k * gamma) % 2**64 for k in range(3)], np.uint64)
   np.testing.assert_array_equal(
-      ip.splitmix64(states),
+      pipeline.splitmix64(states),
       np.array([6457827717110365317, 3203168211198807973, 9817491932198370423], np.uint64))
 
 
 def test_splits_disjoint_stable_and_seeded(full, cifar10_bin_dir):
-  a = ip.split_train(50_000, SIZES, seed=0)
-  b = ip.split_train(50_000, SIZES, seed=0)
-  c = ip.split_train(50_000, SIZES, seed=1)
+  a = pipeline.split_train(50_000, SIZES, seed=0)
+  b = pipeline.split_train(50_000, SIZES, seed=0)
+  c = pipeline.split_train(50_000, SIZES, seed=1)
   assert {k: len(v) for k, v in a.items()} == SIZES
   union = np.concatenate(list(a.values()))
   assert len(np.unique(union)) == len(union) == 50_000 and union.min() == 0 and union.max() == 49_999
@@ -391,37 +401,37 @@ def test_splits_disjoint_stable_and_seeded(full, cifar10_bin_dir):
     np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(a[k], c[k])
   # Two independent loads give identical split contents.
-  other = ip.make_splits(ip.load_local('cifar10', cifar10_bin_dir), SIZES, seed=0)
-  mine = ip.make_splits(full, SIZES, seed=0)
+  other = pipeline.make_splits(readers.load_local('cifar10', cifar10_bin_dir), SIZES, seed=0)
+  mine = pipeline.make_splits(full, SIZES, seed=0)
   for k in SIZES:
     np.testing.assert_array_equal(other[k][0], mine[k][0])
     np.testing.assert_array_equal(other[k][1], mine[k][1])
   # A split depends only on the seed and the splits before it.
-  np.testing.assert_array_equal(ip.split_train(50_000, {'warmup': 5_000}, 0)['warmup'], a['warmup'])
-  with pytest.raises(ip.DatasetError, match='do not fit'):
-    ip.split_train(50_000, {'a': 30_000, 'b': 30_000}, seed=0)
-  with pytest.raises(ip.DatasetError, match='do not fit'):
-    ip.split_train(50_000, {'a': -1}, seed=0)
+  np.testing.assert_array_equal(pipeline.split_train(50_000, {'warmup': 5_000}, 0)['warmup'], a['warmup'])
+  with pytest.raises(dataset.DatasetError, match='do not fit'):
+    pipeline.split_train(50_000, {'a': 30_000, 'b': 30_000}, seed=0)
+  with pytest.raises(dataset.DatasetError, match='do not fit'):
+    pipeline.split_train(50_000, {'a': -1}, seed=0)
 
 
 def test_epoch_is_a_seeded_permutation():
   n, bsz = 100, 16
   images = np.zeros((n, 32, 32, 3), np.uint8)
   labels = np.arange(n)  # Labels = indices, so the batches reveal the order.
-  order = lambda s, e: np.concatenate([np.asarray(b['label']) for b in ip.epoch_batches(
+  order = lambda s, e: np.concatenate([np.asarray(b['label']) for b in epoch_batches(
       images, labels, batch_size=bsz, seed=s, epoch=e, mean=MEAN, std=STD)])
   first = order(0, 0)
   assert len(first) == 96 and len(np.unique(first)) == 96
   np.testing.assert_array_equal(first, order(0, 0))
   assert not np.array_equal(first, order(0, 1))
   assert not np.array_equal(first, order(1, 0))
-  padded = list(ip.epoch_batches(images, labels, batch_size=bsz, seed=0, epoch=0, mean=MEAN,
+  padded = list(epoch_batches(images, labels, batch_size=bsz, seed=0, epoch=0, mean=MEAN,
                                  std=STD, drop_remainder=False))
   assert len(padded) == 7 and float(sum(np.asarray(b['mask']).sum() for b in padded)) == n
   seen = np.concatenate([np.asarray(b['label'])[np.asarray(b['mask']) > 0] for b in padded])
   np.testing.assert_array_equal(np.sort(seen), np.arange(n))
-  with pytest.raises(ip.DatasetError, match='start_step'):
-    next(ip.epoch_batches(images, labels, batch_size=bsz, seed=0, epoch=0, mean=MEAN, std=STD,
+  with pytest.raises(dataset.DatasetError, match='start_step'):
+    next(epoch_batches(images, labels, batch_size=bsz, seed=0, epoch=0, mean=MEAN, std=STD,
                           start_step=7))
 
 
@@ -438,7 +448,7 @@ def small(subset):
 def test_eval_batches_are_normalised_examples(small):
   images, _ = small
   idx = np.arange(len(images))
-  batches = list(ip.epoch_batches(images, idx, batch_size=50, seed=3, epoch=2, mean=MEAN, std=STD))
+  batches = list(epoch_batches(images, idx, batch_size=50, seed=3, epoch=2, mean=MEAN, std=STD))
   for b in batches:
     src = images[np.asarray(b['label'])].astype(np.float64)
     ref = (src / 255.0 - MEAN) / STD
@@ -450,28 +460,28 @@ def test_augmentation_deterministic_and_resumable(small):
   images, _ = small
   idx = np.arange(len(images))
   kw = dict(batch_size=40, seed=7, epoch=3, mean=MEAN, std=STD, augment=True, cutout=16)
-  full_epoch = list(ip.epoch_batches(images, idx, **kw))
-  again = list(ip.epoch_batches(images, idx, **kw))
-  resumed = list(ip.epoch_batches(images, idx, start_step=3, **kw))
+  full_epoch = list(epoch_batches(images, idx, **kw))
+  again = list(epoch_batches(images, idx, **kw))
+  resumed = list(epoch_batches(images, idx, start_step=3, **kw))
   assert len(full_epoch) == 5 and len(resumed) == 2
   for x, y in zip(full_epoch, again):
     np.testing.assert_array_equal(np.asarray(x['image']), np.asarray(y['image']))
   for x, y in zip(full_epoch[3:], resumed):
     np.testing.assert_array_equal(np.asarray(x['image']), np.asarray(y['image']))
     np.testing.assert_array_equal(np.asarray(x['label']), np.asarray(y['label']))
-  other_epoch = next(ip.epoch_batches(images, idx, **{**kw, 'epoch': 4}))
+  other_epoch = next(epoch_batches(images, idx, **{**kw, 'epoch': 4}))
   assert not np.array_equal(np.asarray(other_epoch['image']), np.asarray(full_epoch[0]['image']))
   # Batch `step` uses batch_key(seed, epoch, step) on the shuffled examples.
   step = 4
-  order = ip.epoch_permutation(len(images), 7, 3)[step * 40:(step + 1) * 40]
-  ref = ip.augment(ip.batch_key(7, 3, step), images[order], MEAN, STD, cutout=16)
+  order = pipeline.epoch_permutation(len(images), 7, 3)[step * 40:(step + 1) * 40]
+  ref = pipeline.augment(pipeline.batch_key(7, 3, step), images[order], MEAN, STD, cutout=16)
   np.testing.assert_array_equal(np.asarray(full_epoch[step]['label']), order)
   np.testing.assert_allclose(np.asarray(full_epoch[step]['image']), np.asarray(ref), atol=1e-6)
 
 
 def test_crop_is_a_shifted_zero_padded_window_and_flip_a_mirror(small):
   images, _ = small
-  out = _denormalize(ip.augment(jax.random.key(0), images, MEAN, STD, cutout=0))
+  out = _denormalize(pipeline.augment(jax.random.key(0), images, MEAN, STD, cutout=0))
   padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0))).astype(np.float64)
   found = []
   for i in range(len(images)):
@@ -487,8 +497,8 @@ def test_crop_is_a_shifted_zero_padded_window_and_flip_a_mirror(small):
 
 def test_flip_alone_is_exact_mirror(small):
   images, _ = small
-  out = np.asarray(ip.augment(jax.random.key(1), images, MEAN, STD, crop_padding=0, cutout=0))
-  plain = np.asarray(ip.normalize(images, MEAN, STD))
+  out = np.asarray(pipeline.augment(jax.random.key(1), images, MEAN, STD, crop_padding=0, cutout=0))
+  plain = np.asarray(pipeline.normalize(images, MEAN, STD))
   mirrored = [np.array_equal(o, p[:, ::-1]) for o, p in zip(out, plain)]
   same = [np.array_equal(o, p) for o, p in zip(out, plain)]
   assert all(m or s for m, s in zip(mirrored, same))
@@ -497,9 +507,9 @@ def test_flip_alone_is_exact_mirror(small):
 
 def test_cutout_zeroes_a_clipped_square_after_normalisation(small):
   images, _ = small
-  out = np.asarray(ip.augment(jax.random.key(2), images, MEAN, STD, crop_padding=0, flip=False,
+  out = np.asarray(pipeline.augment(jax.random.key(2), images, MEAN, STD, crop_padding=0, flip=False,
                               cutout=16))
-  plain = np.asarray(ip.normalize(images, MEAN, STD))
+  plain = np.asarray(pipeline.normalize(images, MEAN, STD))
   sides = []
   for o, p in zip(out, plain):
     hole = np.all(o == 0.0, axis=-1)
@@ -519,12 +529,12 @@ def test_cutout_zeroes_a_clipped_square_after_normalisation(small):
 
 def test_single_device_sharding_is_a_no_op(small):
   images, labels = small
-  mesh = ip.make_mesh()
-  sharding = ip.batch_sharding(mesh)
+  mesh = sharding_lib.make_mesh()
+  sharding = sharding_lib.batch_sharding(mesh)
   assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()
   kw = dict(batch_size=40, seed=0, epoch=0, mean=MEAN, std=STD, augment=True, cutout=16)
-  a = next(ip.epoch_batches(images, labels, sharding=sharding, **kw))
-  b = next(ip.epoch_batches(images, labels, **kw))
+  a = next(epoch_batches(images, labels, sharding=sharding, **kw))
+  b = next(epoch_batches(images, labels, **kw))
   assert a['image'].sharding.is_equivalent_to(sharding, 4)
   np.testing.assert_array_equal(np.asarray(a['image']), np.asarray(b['image']))
   np.testing.assert_array_equal(np.asarray(a['label']), np.asarray(b['label']))
@@ -533,25 +543,27 @@ def test_single_device_sharding_is_a_no_op(small):
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
-    from bnas_jax import input_pipeline as ip
+    from bnas_jax.data import dataset, pipeline, sharding as sharding_lib
+    def epoch_batches(images, labels, *, epoch, start_step=0, **loader):
+      return pipeline.Loader(images, labels, **loader).epoch(epoch, start_step)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 64)
-    mesh = ip.make_mesh()
-    sharding = ip.batch_sharding(mesh)
-    kw = dict(batch_size=16, seed=5, epoch=1, mean=ip.CIFAR10_MEAN, std=ip.CIFAR10_STD,
+    mesh = sharding_lib.make_mesh()
+    sharding = sharding_lib.batch_sharding(mesh)
+    kw = dict(batch_size=16, seed=5, epoch=1, mean=dataset.CIFAR10_MEAN, std=dataset.CIFAR10_STD,
               augment=True, cutout=16)
-    sharded = list(ip.epoch_batches(images, labels, sharding=sharding, **kw))
-    plain = list(ip.epoch_batches(images, labels, **kw))
+    sharded = list(epoch_batches(images, labels, sharding=sharding, **kw))
+    plain = list(epoch_batches(images, labels, **kw))
     equal = all(np.array_equal(np.asarray(a[k]), np.asarray(b[k]))
                 for a, b in zip(sharded, plain) for k in ('image', 'label'))
     shards = [s.data.shape for s in sharded[0]['image'].addressable_shards]
     try:
-      next(ip.epoch_batches(images, labels, **{**kw, 'batch_size': 9}, sharding=sharding))
+      next(epoch_batches(images, labels, **{**kw, 'batch_size': 9}, sharding=sharding))
       error = ''
-    except ip.DatasetError as e:
+    except dataset.DatasetError as e:
       error = str(e)
-    split = ip.split_train(50_000, {'warmup': 5_000}, 0)['warmup']
+    split = pipeline.split_train(50_000, {'warmup': 5_000}, 0)['warmup']
     print(json.dumps({'devices': jax.device_count(), 'equal': equal, 'shards': shards,
                       'error': error, 'split_head': split[:20].tolist(),
                       'tensorflow': 'tensorflow' in sys.modules}))
@@ -570,7 +582,7 @@ def test_two_devices_split_the_batch_and_match_one_device():
   assert out['shards'] == [[8, 32, 32, 3], [8, 32, 32, 3]]
   assert 'not divisible by the 2 devices' in out['error']
   # The split is identical in another process.
-  assert out['split_head'] == ip.split_train(50_000, {'warmup': 5_000}, 0)['warmup'][:20].tolist()
+  assert out['split_head'] == pipeline.split_train(50_000, {'warmup': 5_000}, 0)['warmup'][:20].tolist()
   assert not out['tensorflow']
 
 
@@ -582,14 +594,16 @@ _MULTI_PROCESS_WORKER = textwrap.dedent('''
     jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                                process_id=pid)
     import numpy as np
-    from bnas_jax import input_pipeline as ip
+    from bnas_jax.data import dataset, pipeline, sharding as sharding_lib
+    def epoch_batches(images, labels, *, epoch, start_step=0, **loader):
+      return pipeline.Loader(images, labels, **loader).epoch(epoch, start_step)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    sharding = ip.batch_sharding(ip.make_mesh())
+    sharding = sharding_lib.batch_sharding(sharding_lib.make_mesh())
     result = {}
-    for step, b in enumerate(ip.epoch_batches(
-        images, np.arange(64), batch_size=16, seed=5, epoch=1, mean=ip.CIFAR10_MEAN,
-        std=ip.CIFAR10_STD, augment=True, cutout=16, sharding=sharding)):
+    for step, b in enumerate(epoch_batches(
+        images, np.arange(64), batch_size=16, seed=5, epoch=1, mean=dataset.CIFAR10_MEAN,
+        std=dataset.CIFAR10_STD, augment=True, cutout=16, sharding=sharding)):
       (shard,) = b['image'].addressable_shards
       result[f'rows{step}'] = np.array([shard.index[0].start, shard.index[0].stop])
       result[f'image{step}'] = np.asarray(shard.data)
@@ -614,7 +628,7 @@ def test_two_processes_assemble_the_global_batch(tmp_path):
     assert p.returncode == 0, err[-3000:]
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-  single = list(ip.epoch_batches(images, np.arange(64), batch_size=16, seed=5, epoch=1,
+  single = list(epoch_batches(images, np.arange(64), batch_size=16, seed=5, epoch=1,
                                  mean=MEAN, std=STD, augment=True, cutout=16))
   parts = [np.load(tmp_path / f'p{pid}.npz') for pid in (0, 1)]
   for step, batch in enumerate(single):

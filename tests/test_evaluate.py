@@ -19,9 +19,10 @@ import pytest
 
 from bnas_jax import errors
 from bnas_jax import evaluate
-from bnas_jax import input_pipeline
 from bnas_jax import train_eval
 import helpers
+from bnas_jax.data import pipeline
+from bnas_jax.data import readers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,7 @@ def trained(tmp_path_factory, cifar10_subset_dir):
   c.checkpoint.async_save = False
   c.checkpoint.max_to_keep = 5
   c.log_every_steps = 1
-  c.progress = False
+  c.progress_bar = False
   workdir = str(root / "run")
   return workdir, train_eval.run(c, workdir)
 
@@ -61,8 +62,8 @@ def test_retraining_logs_each_compilation_before_it_starts(tmp_path, cifar10_sub
 
 
 def _test_batch(data_dir: str) -> np.ndarray:
-  ds = input_pipeline.load_local("cifar10", data_dir, num_train=4000, num_test=1000)
-  return np.asarray(input_pipeline.normalize(ds.test_images[:16], ds.mean, ds.std))
+  ds = readers.load_local("cifar10", data_dir, num_train=4000, num_test=1000)
+  return np.asarray(pipeline.normalize(ds.test_images[:16], ds.mean, ds.std))
 
 
 def _run(args, **kw):

@@ -20,10 +20,12 @@ from PIL import Image
 
 from bnas_jax import bayes
 from bnas_jax import config_files
-from bnas_jax import input_pipeline
 from bnas_jax import metrics as metrics_lib
 from bnas_jax import search
 from bnas_jax import train_eval
+from bnas_jax.data import dataset
+from bnas_jax.data import pipeline
+from bnas_jax.data import readers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, CLASSES, N_TRAIN, N_TEST = 48, 5, 40, 10
@@ -69,7 +71,7 @@ def read_events(logdir: str) -> dict[str, set[str]]:
 
 
 def test_npz_and_folder_load_the_same_data_with_its_own_statistics(own_npz, tmp_path):
-  ds = input_pipeline.load_dataset({"name": "own", "source": "npz", "data_dir": own_npz,
+  ds = readers.load_dataset({"name": "own", "source": "npz", "data_dir": own_npz,
                                     "num_train": -1, "num_test": -1})
   assert ds.image_shape == (SIZE, SIZE, 1) and ds.num_classes == CLASSES
   assert ds.train_images.dtype == np.uint8 and len(ds.test_labels) == N_TEST
@@ -83,7 +85,7 @@ def test_npz_and_folder_load_the_same_data_with_its_own_statistics(own_npz, tmp_
       folder = tmp_path / split / f"class_{k}"
       folder.mkdir(parents=True, exist_ok=True)
       Image.fromarray(im[..., 0]).save(folder / f"{i:03d}.png")
-  fds = input_pipeline.load_dataset({"name": "own", "source": "folder", "data_dir": str(tmp_path),
+  fds = readers.load_dataset({"name": "own", "source": "folder", "data_dir": str(tmp_path),
                                      "num_train": N_TRAIN, "num_test": N_TEST})
   assert fds.num_classes == CLASSES
   order = np.lexsort((np.arange(N_TRAIN), ds.train_labels))  # the folder lists class by class
@@ -91,12 +93,12 @@ def test_npz_and_folder_load_the_same_data_with_its_own_statistics(own_npz, tmp_
   np.testing.assert_array_equal(fds.train_labels, ds.train_labels[order])
   np.testing.assert_allclose(fds.mean, ds.mean, rtol=1e-6)
 
-  resized = input_pipeline.load_dataset({"source": "folder", "data_dir": str(tmp_path),
+  resized = readers.load_dataset({"source": "folder", "data_dir": str(tmp_path),
                                          "num_train": -1, "num_test": -1, "image_size": 24})
   assert resized.image_shape == (24, 24, 1)
-  batch = next(input_pipeline.epoch_batches(
-      ds.train_images, ds.train_labels, batch_size=4, seed=0, epoch=0, mean=ds.mean, std=ds.std,
-      augment=True, cutout=8))
+  batch = next(pipeline.Loader(
+      ds.train_images, ds.train_labels, batch_size=4, seed=0, mean=ds.mean, std=ds.std,
+      augment=True, cutout=8).epoch(0))
   assert batch["image"].shape == (4, SIZE, SIZE, 1)
 
 
@@ -104,19 +106,19 @@ def test_bad_own_data_is_named(own_npz, tmp_path):
   bad = str(tmp_path / "bad.npz")
   x, y = make_images(8, 0)
   np.savez(bad, x_train=x.astype(np.float32) / 255, y_train=y, x_test=x, y_test=y)
-  with pytest.raises(input_pipeline.DatasetError, match="x_train.*uint8"):
-    input_pipeline.load_npz(bad)
+  with pytest.raises(dataset.DatasetError, match="x_train.*uint8"):
+    readers.load_npz(bad)
   np.savez(bad, x_train=x, y_train=y)
-  with pytest.raises(input_pipeline.DatasetError, match=r"lacks the arrays \['x_test', 'y_test'\]"):
-    input_pipeline.load_npz(bad)
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="data_dir"):
-    input_pipeline.load_dataset({"source": "npz", "data_dir": str(tmp_path / "none.npz")})
-  with pytest.raises(input_pipeline.DatasetError, match="expected 50,000 records"):
-    input_pipeline.load_dataset({"source": "npz", "data_dir": own_npz})  # the CIFAR counts
-  with pytest.raises(input_pipeline.DatasetError, match="image_size=32"):
-    input_pipeline.check_image_shape((30, 30, 1))
-  with pytest.raises(input_pipeline.DatasetError, match="source"):
-    input_pipeline.load_dataset({"name": "own", "source": "local", "data_dir": str(tmp_path)})
+  with pytest.raises(dataset.DatasetError, match=r"lacks the arrays \['x_test', 'y_test'\]"):
+    readers.load_npz(bad)
+  with pytest.raises(dataset.DatasetNotFoundError, match="data_dir"):
+    readers.load_dataset({"source": "npz", "data_dir": str(tmp_path / "none.npz")})
+  with pytest.raises(dataset.DatasetError, match="expected 50,000 records"):
+    readers.load_dataset({"source": "npz", "data_dir": own_npz})  # the CIFAR counts
+  with pytest.raises(dataset.DatasetError, match="image_size=32"):
+    dataset.check_image_shape((30, 30, 1))
+  with pytest.raises(dataset.DatasetError, match="source"):
+    readers.load_dataset({"name": "own", "source": "local", "data_dir": str(tmp_path)})
 
 
 def test_prior_histograms_picture_and_hparams_are_in_the_event_file(tmp_path):
@@ -172,7 +174,7 @@ def test_search_and_retraining_on_own_data_end_to_end(own_npz, tmp_path, fast_co
   c.data.num_train = c.data.num_test = -1
   c.train.epochs, c.train.batch_size, c.train.eval_batch_size = 1, 8, 10
   c.train.max_steps_per_epoch = 2
-  c.checkpoint.async_save, c.progress = False, False
+  c.checkpoint.async_save, c.progress_bar = False, False
   out = train_eval.run(c, str(tmp_path / "train"))
   assert out["epochs_done"] == 1 and out["test_examples"] == N_TEST
   assert 0.0 <= out["test_error"] <= 100.0
@@ -190,7 +192,7 @@ def test_any_tfds_image_dataset_by_name(monkeypatch):
     return FakeSource({"image": im[..., None], "label": k} for im, k in zip(x, y))
 
   monkeypatch.setattr(tfds, "data_source", data_source)
-  ds = input_pipeline.load_dataset({"name": "my_digits", "source": "tfds", "num_train": 6,
+  ds = readers.load_dataset({"name": "my_digits", "source": "tfds", "num_train": 6,
                                     "num_test": 3, "image_size": 24})
   assert ds.image_shape == (24, 24, 1) and ds.num_classes == 7 and ds.source == "tfds:my_digits"
-  np.testing.assert_allclose(ds.mean, input_pipeline.channel_stats(ds.train_images)[0])
+  np.testing.assert_allclose(ds.mean, readers.channel_stats(ds.train_images)[0])

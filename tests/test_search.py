@@ -33,10 +33,10 @@ import pytest
 from bnas_jax import checkpointing
 from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
-from bnas_jax import input_pipeline
 from bnas_jax import search
 import helpers
 from bnas_jax.search_space import spaces
+from bnas_jax.data import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
@@ -163,7 +163,7 @@ def test_step_functions_compiled_once_per_mask(reference_run, cifar10_subset_dir
   # every jitted function holds exactly one executable although several runs in this module used it.
   result, _ = reference_run
   config = tiny_config(cifar10_subset_dir)
-  mesh = input_pipeline.make_mesh()
+  mesh = sharding.make_mesh()
   full = search._build_step_fns(search._static_key(config, 10, None, mesh))
   pruned = search._build_step_fns(
       search._static_key(config, 10, spaces.freeze_mask(result.alive), mesh))
@@ -216,7 +216,7 @@ def _one_step_inputs(config, mesh):
            "label": jax.random.randint(k2, (4,), 0, 10)}
   # Placed as the runner places them, so that the module's compiled train_step is reused.
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return (jax.device_put(state, repl), jax.device_put(batch, input_pipeline.batch_sharding(mesh)),
+  return (jax.device_put(state, repl), jax.device_put(batch, sharding.batch_sharding(mesh)),
           lambda: jax.device_put(search.new_train_acc(), repl))
 
 
@@ -225,7 +225,7 @@ def test_warmup_phase_is_a_weights_only_sgd_step_on_the_nll(cifar10_subset_dir):
   SGD + weight decay on the mean NLL, switch optimizer state untouched."""
   import optax  # pylint: disable=g-import-not-at-top
   config = tiny_config(cifar10_subset_dir)
-  mesh = input_pipeline.make_mesh()
+  mesh = sharding.make_mesh()
   fns = search._build_step_fns(search._static_key(config, 10, None, mesh))
   state, batch, new_acc = _one_step_inputs(config, mesh)
   model = search.create_model(config, 10)

@@ -15,11 +15,11 @@ import sys
 import pytest
 
 from bnas_jax import errors
-from bnas_jax import input_pipeline
 from bnas_jax import nb201
 from bnas_jax import search
 import helpers
 from bnas_jax import train_eval
+from bnas_jax.data import dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
@@ -44,20 +44,20 @@ def test_missing_or_unreadable_data_fails_before_the_workdir(tmp_path, cifar10_s
     config = (tiny_config(str(tmp_path / "no_data")) if run is search.run
               else train_eval.default_config())
     config.data.data_dir = str(tmp_path / "no_data")
-    _refused_before_the_workdir(run, config, never, input_pipeline.DatasetNotFoundError,
+    _refused_before_the_workdir(run, config, never, dataset.DatasetNotFoundError,
                                 r"no_data' does not exist.*config.data.data_dir")
   # A layout folder without its test file, and one whose test file cannot be read.
   layout = tmp_path / "layout" / "cifar-10-batches-bin"
   layout.mkdir(parents=True)
   (layout / "data_batch_1.bin").symlink_to(os.path.join(cifar10_subset_dir, "data_batch_1.bin"))
   _refused_before_the_workdir(search.run, tiny_config(str(layout)), never,
-                              input_pipeline.DatasetNotFoundError,
+                              dataset.DatasetNotFoundError,
                               r"test_batch\.bin' does not exist; point config.data.data_dir")
   (layout / "test_batch.bin").mkdir()  # opening it fails (IsADirectoryError)
   _refused_before_the_workdir(search.run, tiny_config(str(layout)), never,
-                              input_pipeline.DatasetError,
+                              dataset.DatasetError,
                               r"test_batch\.bin' cannot be read .*config.data.data_dir")
-  assert input_pipeline.check_data(tiny_config(cifar10_subset_dir).data).endswith(
+  assert dataset.check_data(tiny_config(cifar10_subset_dir).data).endswith(
       "cifar-10-batches-bin")
 
 

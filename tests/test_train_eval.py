@@ -20,9 +20,9 @@ import pytest
 
 from bnas_jax import config_files
 from bnas_jax import errors
-from bnas_jax import input_pipeline
 from bnas_jax import train_eval
 import helpers
+from bnas_jax.data import dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,8 +73,8 @@ def test_experiment_configs_follow_the_protocols():
 def test_missing_imagenet_names_how_to_provide_it(tmp_path):
   c = _load_experiment("imagenet_eval").get_config()
   c.data.data_dir = str(tmp_path / "no_imagenet_here")
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="tfds build imagenet2012"):
-    train_eval.load_data(c)
+  with pytest.raises(dataset.DatasetNotFoundError, match="tfds build imagenet2012"):
+    train_eval.create_loaders(c)
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -109,12 +109,14 @@ def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp
   with open(tmp_path / "full" / "results.json") as f:
     assert json.load(f)["test_error"] == full["test_error"]
 
-  # Stopped at global step 4 (mid epoch 2, checkpointed), then resumed in the same workdir.
-  config.train.stop_after_steps = 4
+  # SIGTERM after global step 4 (mid epoch 2): that step is checkpointed and the run stops; then
+  # resumed in the same workdir.
+  config.debug.signal_at_step = 4
   part = train_eval.run(config, str(tmp_path / "resumed"))
   assert part["epochs_done"] == 1 and "test_error" not in part
+  assert part["stopped_by"] == "SIGTERM" and full["stopped_by"] == ""
   shutil.copytree(tmp_path / "resumed", tmp_path / "damaged")
-  config.train.stop_after_steps = -1
+  config.debug.signal_at_step = -1
   resumed = train_eval.run(config, str(tmp_path / "resumed"))
   assert resumed["epochs_done"] == 2
   for key in ("test_loss", "test_accuracy"):
@@ -145,6 +147,6 @@ def test_tiny_train_runs_checkpoints_and_resumes_exactly(cifar10_subset_dir, tmp
   assert (workdir / "config.json").read_text() == stored
   # The stored config is compared by value: a re-indented config.json is not a change.
   (workdir / "config.json").write_text(json.dumps(json.loads(stored), indent=4))
-  os.remove(workdir / "config.previous.json")  # from the stop_after_steps change above
+  os.remove(workdir / "config.previous.json")  # from the signal_at_step change above
   config_files.write_config(config, str(workdir), train_eval.RESUME_SAFE_FIELDS)
   assert not (workdir / "config.previous.json").exists()
