@@ -8,7 +8,7 @@ Variants (``experiments/compress_lenet5.py:<variant>``):
   iterations of one epoch, 10 fine-tuning epochs. Point ``--config.data.data_dir`` at the folder
   of the IDX files (or use ``--config.data.source=tfds``). For a GPU.
 * ``cpu``: the shared MNIST test files split 8,000 / 2,000 (seeded; 1,000 of the 8,000 held out
-  for selection), 10 pretraining epochs, T = 6, 2 fine-tuning epochs: minutes on a CPU. Figures
+  for selection), 10 pretraining epochs, T = 4, 2 fine-tuning epochs: minutes on a CPU. Figures
   on this split are **not comparable** with published results, which train on 60,000 images.
 * ``tiny``: 400 / 200 images, 1 pretraining epoch, T = 2, 1 fine-tuning epoch: tests and smoke runs.
 
@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.data.data_dir = os.path.normpath(SHARED_MNIST)
   if variant == "cpu":
     c.pretrain.epochs = 10
-    c.compress.iterations = 6
+    c.compress.iterations = 4
     c.finetune.epochs = 2
     c.compress.curvature_batches = 8
     return c
@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.compress.iterations = 2
   c.compress.curvature_batches = 2
   c.compress.curvature_batch_size = 25
-  c.compress.lam = 1e-2
+  c.compress.lam = 1.0
   c.finetune.epochs = 1
   c.progress_bar = False
   c.log_every_steps = 2

@@ -93,16 +93,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.compress.batch_size = 128
   c.compress.lr = 1e-3  # weights (Adam)
   c.compress.weight_decay = 1e-4  # kernels and BN scales (spec 3.4)
-  c.compress.switch_lr = 1e-2  # SGD with momentum
+  c.compress.switch_lr = 0.1  # SGD with momentum (BayesNAS, spec 3.2)
   c.compress.switch_momentum = 0.9
   c.compress.penalty_mode = "proximal"
-  c.compress.lam = 1e-3  # lambda, for the mean-CE loss (spec 3.4, 7.3)
+  c.compress.lam = 0.3  # lambda, for the mean-CE loss; sweep it (spec 3.4, 7.3)
   c.compress.lambda_ramp = 0.15  # fraction of the iterations over which lambda ramps up
   c.compress.prune_threshold = 1e-4  # gamma < this x the layer's median live gamma: dead
   c.compress.eps_s = 1e-3  # |s| < eps_s: dead
   c.compress.curvature = "ggn_fast"
   c.compress.curvature_batches = 20  # M
   c.compress.curvature_batch_size = 128
+  # A prior update (no pruning) on the pretrained network before the first epoch, so that omega
+  # starts from its curvature; spec 3.2 starts at omega = 1, which with lambda in the range where
+  # the Laplace weights act (omega ~ sqrt(h / lambda) << 1) prunes every unit in the first epoch.
+  c.compress.initial_update = True
   c.finetune = ml_collections.ConfigDict()
   c.finetune.epochs = 3  # F
   c.finetune.batch_size = 128
@@ -319,12 +323,17 @@ class _Runner:
     while pos.stage < len(self.stages):
       stage = self.stages[pos.stage]
       if stage.kind == "finetune" and pos.stage == self.first_ft and pos.step == 0:
-        arch, state = self._export(state, history)
+        try:
+          arch, state = self._export(state, history)
+        except groups.LayerCollapsedError as e:
+          return self._collapsed(state, history, e), run_lib.FINISHED
       if stage.kind == "compress" and stage.index == 1 and pos.step == 0:  # fresh optimisers
         fresh = train.init_state({"params": state["train"].params}, state["train"].switches,
                                  _step_config(c, "compress"))
         state = self._with_train(state, state["train"]._replace(opt_w=fresh.opt_w,
                                                                 opt_s=fresh.opt_s))
+        if self.reweight and c.compress.initial_update:
+          state = self._initial_update(state)
       state, pos, ended, summary = self._train_stage(stage, arch, state, pos, history)
       if ended != run_lib.FINISHED:
         run.stopped_warning(pos)
@@ -340,7 +349,10 @@ class _Runner:
     if c.method == "dense" and not any(s.kind == "pretrain" for s in self.stages):
       raise errors.ConfigError("method='dense' with pretrained_dir has nothing to do")
     if c.method != "dense" and self.first_ft == len(self.stages):  # no fine-tune epochs
-      arch, state = self._export(state, history)
+      try:
+        arch, state = self._export(state, history)
+      except groups.LayerCollapsedError as e:
+        return self._collapsed(state, history, e), run_lib.FINISHED
     return self._finish(arch, state, history), run_lib.FINISHED
 
   def _train_stage(self, stage: Stage, arch, state, pos, history):
@@ -426,20 +438,40 @@ class _Runner:
     return train.evaluate(eval_step, ts, alive, self.data.val_x, self.data.val_y,
                           self.data)["error"]
 
+  def _curvature(self, ts, prior, iteration: int):
+    c = self.c
+    curv_fn = train.make_curvature_fn(self.arch, c.compress.curvature)
+    h = train.curvature(curv_fn, ts, prior.alive, self.data,
+                        batch_size=int(c.compress.curvature_batch_size),
+                        num_batches=int(c.compress.curvature_batches), seed=int(c.data.seed),
+                        iteration=iteration)
+    for v in h.values():
+      if not np.all(np.isfinite(np.asarray(v))):
+        raise self.run.nonfinite("curvature", f"compress iteration {iteration}",
+                                 "Lower the learning rate or lambda")
+    return h
+
+  def _initial_update(self, state):
+    """The prior update at t = 0, on the pretrained network, without pruning: omega starts from
+    the network's curvature instead of 1 (``compress.initial_update``)."""
+    c = self.c
+    ts, prior = state["train"], state["prior"]
+    lam = train.lambda_at(1, int(c.compress.iterations), float(c.compress.lam),
+                          float(c.compress.lambda_ramp))
+    h = self._curvature(ts, prior, 0)
+    prior = bayes.update(prior, ts.switches, h, lambda_origin=lam, lambda_op=lam,
+                         prune_threshold=0.0)
+    omega = np.concatenate([np.asarray(w).reshape(-1) for w in prior.omega.values()])
+    logging.info("initial prior update (t = 0): omega quantiles 10/50/90 %% = %s",
+                 np.quantile(omega, [0.1, 0.5, 0.9]))
+    return dict(state, prior=prior)
+
   def _prior_update(self, stage: Stage, state, summary):
     c = self.c
     ts, prior = state["train"], state["prior"]
     lam = summary.get("lambda", float(c.compress.lam))
     if self.reweight:
-      curv_fn = train.make_curvature_fn(self.arch, c.compress.curvature)
-      h = train.curvature(curv_fn, ts, prior.alive, self.data,
-                          batch_size=int(c.compress.curvature_batch_size),
-                          num_batches=int(c.compress.curvature_batches), seed=int(c.data.seed),
-                          iteration=stage.index)
-      for tau, v in h.items():
-        if not np.all(np.isfinite(np.asarray(v))):
-          raise self.run.nonfinite("curvature", f"compress iteration {stage.index}",
-                                   "Lower the learning rate or lambda")
+      h = self._curvature(ts, prior, stage.index)
     else:
       h = {tau: jnp.zeros_like(s) for tau, s in ts.switches.items()}
     gamma_prev = prior.gamma
@@ -487,6 +519,27 @@ class _Runner:
     logging.info("exported %s: %s", arch.name, metrics)
     self.run.writer.write_text(0, "exported/structure", metrics["kept_structure"])
     return arch, self._exported_state(arch, v)
+
+  def _collapsed(self, state, history, error) -> dict[str, Any]:
+    """result.json of a run whose pruning removed a whole layer: the masked network is a
+    constant function (its errors are reported), nothing is kept or fine-tuned."""
+    c, data = self.c, self.data
+    logging.warning("%s: no export, no fine-tuning", error)
+    _, eval_step = train.make_step_fns(self.arch, _step_config(c, "finetune"))
+    alive = state["prior"].alive
+    test = train.evaluate(eval_step, state["train"], alive, data.test_x, data.test_y, data)
+    val = train.evaluate(eval_step, state["train"], alive, data.val_x, data.val_y, data)
+    dense = networks.count(self.arch)
+    result = {"method": c.method, "seed": int(c.seed), "test_err": test["error"],
+              "val_err": val["error"], "lambda": float(c.compress.lam),
+              "ratio": float(c.baseline.ratio), "collapsed": str(error),
+              "kept_structure": "collapsed", "weights_dense": dense["weights"], "weights_kept": 0,
+              "params_dense": dense["params"], "params_kept": 0, "macs_dense": dense["macs"],
+              "macs_kept": 0, "cr_w": float("inf"), "cr_all": float("inf"),
+              "macs_ratio": float("inf"), "cr_bits": None, "history": history}
+    with open(os.path.join(self.workdir, RESULT_JSON), "w") as f:
+      json.dump(result, f, indent=2, default=run_lib.to_json_value)
+    return result
 
   def _save_pretrained(self, state):
     ts = state["train"]

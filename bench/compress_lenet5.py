@@ -1,0 +1,193 @@
+r"""Benchmark (a): LeNet-5-Caffe compressed by BayesNAS and the baselines, side by side.
+
+One dense network is pretrained (``experiments/compress_lenet5.py:<variant>``, ``method=dense``);
+every method then starts from its ``pretrained/`` folder with the same data, split, epochs and
+export code (compression spec 7.1), in one run directory per point under ``--root``:
+
+* ``bayesnas``: the HARD-prior outer loop, one run per lambda of ``--bayes_lams``;
+* ``group_lasso`` (B1): omega = 1 on the same switches, one run per lambda of ``--gl_lams``;
+* ``l1_filter`` (B2): L1-norm pruning of a fraction ``r`` of every layer, ``--ratios``, then
+  fine-tuning for the whole budget;
+* ``random`` (B3): the per-layer counts of the selected BayesNAS point with random units.
+
+Selection uses the validation split only (spec 4.1): a method's selected point is its smallest
+``weights_kept`` whose validation error is within ``--tolerance`` points of the dense network's;
+its test error is then reported. Outputs in ``--root``: ``results.json`` (every run's result),
+``table.md`` (kept structure, errors, CR_w, MAC ratio per run and the selected points),
+``compress_lenet5.png`` / ``.svg`` (test error against kept weights and against MACs, log x).
+
+A run directory that already holds ``result.json`` is reused (the benchmark resumes).
+
+On the default variant ``cpu`` the data are the shared MNIST *test* files split 8,000 / 2,000:
+figures are not comparable with published results, which train on the 60,000-image split.
+
+Run::
+
+  python bench/compress_lenet5.py --root runs/compress_bench
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bnas_jax import config_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+from bnas_jax.compression import runner  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("root", os.path.join(REPO, "runs", "compress_bench"), "Run directories.")
+flags.DEFINE_string("experiment", os.path.join(REPO, "experiments", "compress_lenet5.py"),
+                    "Experiment file.")
+flags.DEFINE_string("variant", "cpu", "Variant of the experiment file.")
+flags.DEFINE_list("bayes_lams", ["0.03", "0.1", "0.3", "1", "3"], "BayesNAS lambdas.")
+flags.DEFINE_list("gl_lams", ["0.001", "0.003", "0.01", "0.03"], "Group-lasso (B1) lambdas.")
+flags.DEFINE_list("ratios", ["0.3", "0.5", "0.7", "0.9"], "L1-norm (B2) pruned fractions.")
+flags.DEFINE_integer("seed", 0, "Seed of every run (network init, data order).")
+flags.DEFINE_float("tolerance", 0.2, "Selection: validation error within this many points of "
+                   "the dense network's.")
+flags.DEFINE_list("overrides", [], "Extra config overrides field=value (e.g. compress.iterations=2).")
+
+
+def _config(**fields):
+  c = config_files.load(FLAGS.experiment).get_config(FLAGS.variant)
+  c.seed = FLAGS.seed
+  c.progress_bar = False
+  for item in FLAGS.overrides:
+    k, v = item.split("=", 1)
+    fields[k] = type(_get(c, k))(v)
+  for dotted, value in fields.items():
+    node = c
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _get(c, dotted):
+  for p in dotted.split("."):
+    c = c[p]
+  return c
+
+
+def _run(name: str, **fields) -> dict:
+  workdir = os.path.join(FLAGS.root, name)
+  path = os.path.join(workdir, runner.RESULT_JSON)
+  if not os.path.exists(path):
+    start_wall, start_cpu = time.time(), time.process_time()
+    runner.run(_config(**fields), workdir)
+    logging.info("%s: %.0f s wall, %.0f s CPU", name, time.time() - start_wall,
+                 time.process_time() - start_cpu)
+    with open(os.path.join(workdir, "seconds.json"), "w") as f:
+      json.dump({"wall": time.time() - start_wall, "cpu": time.process_time() - start_cpu}, f)
+  with open(path) as f:
+    result = json.load(f)
+  result.pop("history", None)
+  result["name"] = name
+  sec = os.path.join(workdir, "seconds.json")
+  if os.path.exists(sec):
+    with open(sec) as f:
+      result["seconds"] = json.load(f)
+  return result
+
+
+def _select(rows, dense_val, tol):
+  ok = [r for r in rows if r["val_err"] <= dense_val + tol]
+  return min(ok, key=lambda r: (r["weights_kept"], r["val_err"])) if ok else None
+
+
+def _plot(rows, dense, path_base):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  styles = {"bayesnas": "o-", "group_lasso": "s-", "l1_filter": "^-", "random": "x"}
+  for ax, key, label in ((axes[0], "weights_kept", "kept weights"),
+                         (axes[1], "macs_kept", "kept MACs")):
+    for method, style in styles.items():
+      pts = sorted((r[key], r["test_err"]) for r in rows if r["method"] == method)
+      if pts:
+        ax.plot(*zip(*pts), style, label=method)
+    ax.axhline(dense["test_err"], color="grey", ls="--", lw=1, label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel(label + " (log)")
+    ax.set_ylabel("test error (%)")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].legend()
+  fig.suptitle("LeNet-5-Caffe, MNIST t10k split 8,000 / 2,000 (not comparable with 60k-split "
+               "results)", fontsize=9)
+  fig.tight_layout()
+  for ext in ("png", "svg"):
+    fig.savefig(f"{path_base}.{ext}", dpi=120)
+
+
+def _table(rows, dense, selected) -> str:
+  head = ("| method | setting | kept structure | val err | test err | weights kept | CR_w | "
+          "MACs kept | MAC ratio | CPU s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+  lines = []
+  for r in [dense] + rows:
+    setting = (f"lambda {r['lambda']:g}" if r["method"] in ("bayesnas", "group_lasso") else
+               f"r {r['ratio']:g}" if r["method"] == "l1_filter" else "")
+    cpu = r.get("seconds", {}).get("cpu")
+    lines.append(f"| {r['method']} | {setting} | {r['kept_structure']} | {r['val_err']:.2f} | "
+                 f"{r['test_err']:.2f} | {r['weights_kept']:,} | {r['cr_w']:.1f} | "
+                 f"{r['macs_kept']:,} | {r['macs_ratio']:.2f} | "
+                 f"{'' if cpu is None else f'{cpu:.0f}'} |")
+  sel = ["", f"Selected per method (smallest kept weights with val error <= dense "
+         f"{dense['val_err']:.2f} + {FLAGS.tolerance}):", "",
+         "| method | kept structure | test err | weights kept | CR_w | MACs kept | MAC ratio |",
+         "|---|---|---|---|---|---|---|"]
+  for method, r in selected.items():
+    if r is None:
+      sel.append(f"| {method} | none within tolerance | | | | | |")
+    else:
+      sel.append(f"| {method} | {r['kept_structure']} | {r['test_err']:.2f} | "
+                 f"{r['weights_kept']:,} | {r['cr_w']:.1f} | {r['macs_kept']:,} | "
+                 f"{r['macs_ratio']:.2f} |")
+  return head + "\n".join(lines) + "\n" + "\n".join(sel) + "\n"
+
+
+def main(argv):
+  del argv
+  os.makedirs(FLAGS.root, exist_ok=True)
+  dense = _run("dense", method="dense")
+  pretrained = os.path.join(FLAGS.root, "dense", "pretrained")
+  rows = []
+  for lam in FLAGS.bayes_lams:
+    rows.append(_run(f"bayesnas_lam{lam}", method="bayesnas", pretrained_dir=pretrained,
+                     **{"compress.lam": float(lam)}))
+  for lam in FLAGS.gl_lams:
+    rows.append(_run(f"group_lasso_lam{lam}", method="group_lasso", pretrained_dir=pretrained,
+                     **{"compress.lam": float(lam)}))
+  for r in FLAGS.ratios:
+    rows.append(_run(f"l1_filter_r{r}", method="l1_filter", pretrained_dir=pretrained,
+                     **{"baseline.ratio": float(r)}))
+  selected = {m: _select([r for r in rows if r["method"] == m], dense["val_err"], FLAGS.tolerance)
+              for m in ("bayesnas", "group_lasso", "l1_filter")}
+  if selected["bayesnas"] is not None:
+    rows.append(_run("random_like_bayesnas", method="random", pretrained_dir=pretrained,
+                     **{"baseline.kept": selected["bayesnas"]["kept_structure"]}))
+    selected["random"] = _select([r for r in rows if r["method"] == "random"], dense["val_err"],
+                                 FLAGS.tolerance)
+  with open(os.path.join(FLAGS.root, "results.json"), "w") as f:
+    json.dump({"dense": dense, "runs": rows, "selected": selected}, f, indent=2)
+  table = _table(rows, dense, selected)
+  with open(os.path.join(FLAGS.root, "table.md"), "w") as f:
+    f.write(table)
+  _plot(rows, dense, os.path.join(FLAGS.root, "compress_lenet5"))
+  total = sum(r.get("seconds", {}).get("cpu", 0.0) for r in [dense] + rows)
+  print(table)
+  print(f"total CPU seconds of the runs: {total:.0f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
