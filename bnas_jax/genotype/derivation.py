@@ -15,6 +15,7 @@ import numpy as np
 from bnas_jax import nb201
 from bnas_jax.genotype.cell import Genotype, Triple, _int, _space
 from bnas_jax.search_space import spaces
+from bnas_jax.search_space import tree as tree_lib
 
 
 def prune_disconnected(space: Union[str, spaces.SearchSpace], cell_type: str,
@@ -154,6 +155,8 @@ def derive(space: Union[str, spaces.SearchSpace], alive: Mapping[str, Any],
       without `scores`, or an all-pruned cell whose scores do not rank its ops.
   """
   space = _space(space)
+  if tree_lib.is_tree_space(space):  # the proxyless search: a TreeCell (search_space/tree.py)
+    return tree_lib.derive(space, alive, scores, max_ops=_int(max_ops, "max_ops"))
   alive = _check_group(space, alive, "alive", bool)
   max_ops = _int(max_ops, "max_ops")
   if max_ops < 0:

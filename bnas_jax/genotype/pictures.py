@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from bnas_jax.genotype.cell import Genotype, _node_label
+from bnas_jax.search_space import tree as tree_lib
 
 
 def _cell_layout(genotype: Genotype, cell_type: str):
@@ -93,6 +94,8 @@ def plot(genotype: Genotype, path_prefix: str, title: str | None = None) -> tupl
   Returns:
     The PNG and SVG paths.
   """
+  if isinstance(genotype, tree_lib.TreeCell):  # the proxyless search's tree cells
+    return tree_lib.plot(genotype, path_prefix, title)
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg", force=False)
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -49,6 +49,7 @@ import numpy as np
 from bnas_jax.models import layers
 from bnas_jax.models import ops as ops_lib
 from bnas_jax.search_space import spaces
+from bnas_jax.search_space import tree as tree_lib
 
 Array = jax.Array
 Switches = Mapping[str, Array]
@@ -110,6 +111,9 @@ def cell_plan(space: Union[str, spaces.SearchSpace], init_channels: int,
 
 def cell_counts(space: Union[str, spaces.SearchSpace], num_cells: int) -> dict[str, int]:
   """Number of cells of each type, ``{tau: n}`` (only types that occur)."""
+  if tree_lib.is_tree_space(_space(space)):  # the proxyless search: one tree cell per block
+    from bnas_jax.models import tree_supernet  # pylint: disable=g-import-not-at-top
+    return tree_supernet.cell_counts(_space(space), num_cells)
   counts: dict[str, int] = {}
   for spec in cell_plan(space, 1, num_cells):
     counts[spec.cell_type] = counts.get(spec.cell_type, 0) + 1
@@ -470,6 +474,10 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
     if unknown:
       raise ValueError(f"alive mask names cell types {sorted(unknown)} not in space {sp.name!r}")
   check_loop_options(kw.get("edge_loop", "scan"), kw.get("pruned_ops", "skip"))
+  if tree_lib.is_tree_space(sp):  # PyramidNet with a switched tree cell (models/tree_supernet.py)
+    from bnas_jax.models import tree_supernet  # pylint: disable=g-import-not-at-top
+    return tree_supernet.create_tree_supernet(sp, init_channels, num_cells, num_classes, alive,
+                                              **kw)
   if "dw_impl" in kw:  # 'auto' is resolved here, so that the model names its implementation
     kw["dw_impl"] = layers.resolve_dw_impl(kw["dw_impl"])
   return Supernet(sp.name, init_channels, num_cells, num_classes, alive, **kw)

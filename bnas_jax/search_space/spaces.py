@@ -204,3 +204,8 @@ def freeze_mask(mask: Mapping[str, np.ndarray]) -> FrozenMask:
 def thaw_mask(frozen: FrozenMask) -> dict[str, np.ndarray]:
   """Inverse of `freeze_mask`."""
   return {t: np.array(rows, dtype=bool) for t, rows in frozen}
+
+
+# The tree-cell space of the proxyless search ('tree'): bnas_jax.search_space.tree builds on the
+# types above and registers itself in SPACES when imported.
+from bnas_jax.search_space import tree as _tree  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -552,7 +552,7 @@ def derive(space: TreeSearchSpace, alive: Mapping[str, Any],
                        "ops (all equal or non-finite); pass HardPriorState.score or prune less")
     logging.warning("tree.derive: every branch was pruned; keeping the best-scored path")
     roots = [_best_path(space, op_scores)]
-  return TreeCell(node("add" if len(roots) > 1 else "none", *roots))
+  return TreeCell(node("add" if len(roots) > 1 else "none", *roots), space=space.name)
 
 
 def _best_path(space: TreeSearchSpace, op_scores: np.ndarray) -> Branch:
@@ -668,3 +668,9 @@ def plot(cell: TreeCell, path_prefix: str, title: str | None = None) -> tuple[st
   finally:
     plt.close(fig)
   return paths
+
+
+spaces.SPACES.setdefault("tree", make_space("tree"))
+# A small template for smoke tests and CI: one root edge, one branch below it, two leaves under
+# that (3 searched edges; the depth-3 top-down / bottom-up rules still apply).
+spaces.SPACES.setdefault("tree_tiny", make_space("tree_tiny", TreeTemplate((1, 1, 2))))

@@ -1,0 +1,332 @@
+"""The proxyless search space: PyramidNet + tree cells, the tree data type, the tree supernet.
+
+Oracles: the parameter counts of proxyless spec 1.6 and 3 (each matching the published rounded
+value), the spec's width list and per-cell formula, spec 3.2's forward formulas of TreeCell-A
+written out by hand, `bayes.connected_edges` (a matrix fixed point) for the recursive derivation,
+and zero gradients through a dead subtree. Counts use `jax.eval_shape` (nothing is allocated).
+"""
+
+from __future__ import annotations
+
+import json
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnas_jax import bayes
+from bnas_jax import genotype as genotype_lib
+from bnas_jax.models import pyramidnet as pn
+from bnas_jax.models import supernet as supernet_lib
+from bnas_jax.search_space import spaces
+from bnas_jax.search_space import tree
+
+# ---- the backbone ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell,alpha,groups,expected", [
+    (tree.TREE_CELL_A, 84, 2, 5_724_330),
+    (tree.TREE_CELL_A, 150, 2, 14_273_454),
+    (tree.TREE_CELL_B, 84, 2, 5_588_850),
+    (tree.PLAIN_CELL, 84, 1, 3_757_494),  # PyramidNet-164 (add), alpha 84, bottleneck: 3.8 M
+    (tree.PLAIN_CELL, 84, 2, 2_740_368),
+])
+def test_parameter_counts_match_the_spec_oracles(cell, alpha, groups, expected):
+  assert pn.count_params(pn.PyramidNet(cell, 18, alpha, groups)) == expected
+
+
+def test_widths_match_the_spec_reference_list():
+  want = [int(w) for w in """18 18 20 22 24 24 26 28 30 32 32 34 36 38 38 40 42 44 46 46 48 50 52
+      52 54 56 58 60 60 62 64 66 66 68 70 72 74 74 76 78 80 80 82 84 86 88 88 90 92 94 94 96 98
+      100""".split()]
+  assert list(pn.pyramid_widths(18, 84, 2)) == want
+  assert sum(pn.pyramid_widths(18, 84, 2)) == 3150 and sum(pn.pyramid_widths(18, 150, 2)) == 4962
+  assert pn.block_strides(2) == (1, 1, 2, 1, 2, 1)
+  with pytest.raises(ValueError, match="num_blocks"):
+    pn.pyramid_widths(0, 84)
+
+
+@pytest.mark.parametrize("c", [18, 40, 100])
+def test_tree_cell_a_parameters_follow_the_closed_form(c):
+  # Spec 3.3: 16.25 C^2 + 145.5 C for G = 2 (C = 40: 31,820).
+  model = pn.TreeCellNet(tree.TREE_CELL_A, c, 1, 2)
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8, 8, c)), train=False),
+                          jax.random.key(0))["params"]
+  assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes)) == 16.25 * c * c + 145.5 * c
+
+
+def _op(params, stats, name, op, c_out, x, stride=1, groups=1):
+  mod = pn.EdgeOp(op, c_out, stride, groups, "shift")
+  v = {"params": params.get(name, {}), "batch_stats": stats.get(name, {})}
+  return mod.apply(v, x, train=False)
+
+
+def test_tree_cell_a_forward_equals_the_spec_formulas():
+  """Spec 3.2 written out with each edge applied on its own parameters (eval mode)."""
+  c, key = 8, jax.random.key(1)
+  model = pn.TreeCellNet(tree.TREE_CELL_A, c, 2, 2)
+  x = jax.random.normal(key, (2, 8, 8, c))
+  v = model.init(jax.random.key(2), x, train=False)
+  # Non-trivial running statistics, so that eval-mode batch norms are not the identity.
+  v = {"params": v["params"], "batch_stats": jax.tree.map(
+      lambda a: a + 0.3 * jax.random.uniform(key, a.shape), v["batch_stats"])}
+  p, s = v["params"], v["batch_stats"]
+  op = lambda name, o, z, **kw: _op(p, s, f"{name}_{o}", o, z.shape[-1], z, **kw)
+  u1 = op("R1", "gconv_3x3", x, stride=2, groups=2)
+  u2 = op("R2", "gconv_3x3", x, stride=2, groups=2)
+  h = c // 2
+  r11 = lambda v_: jnp.concatenate([op("R111", "avg_pool_3x3", v_[..., :h]),
+                                    op("R112", "sep_7x7", v_[..., h:])], -1)
+  r12 = lambda v_: (op("R121", "sep_3x3", v_) + op("R122", "sep_5x5", v_)) / 2
+  r1 = (r11(op("R11", "conv_1x1", u1)) + r12(op("R12", "max_pool_3x3", u1))) / 2
+  r21 = lambda v_: (op("R211", "sep_5x5", v_) + op("R212", "avg_pool_3x3", v_)
+                    + op("R213", "avg_pool_3x3", v_)) / 3
+  r22 = lambda v_: (op("R221", "avg_pool_3x3", v_) + op("R222", "sep_3x3", v_)) / 2
+  r2 = (r21(op("R21", "sep_5x5", u2)) + r22(op("R22", "sep_3x3", u2))) / 2
+  want = (r1 + r2) / 2
+  got = model.apply(v, x, train=False)
+  assert got.shape == (2, 4, 4, c)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_avg_pool_excludes_padding_and_max_pool_pads_with_minus_infinity():
+  x = -jnp.ones((1, 3, 3, 1))
+  v = {"params": {}}
+  avg = pn.EdgeOp("avg_pool_3x3", 1).apply(v, x, train=False)
+  mx = pn.EdgeOp("max_pool_3x3", 1).apply(v, x, train=False)
+  np.testing.assert_array_equal(avg, x)  # zero padding counted would give -4/9 in a corner
+  np.testing.assert_array_equal(mx, x)  # zero padding would give 0
+
+
+def test_drop_path_zeroes_or_rescales_a_whole_branch():
+  y = jnp.arange(1.0, 7.0).reshape(1, 1, 2, 3)
+  outs = np.stack([pn.drop_branch(y, 0.25, jax.random.key(i)) for i in range(400)])
+  dropped = np.all(outs == 0, axis=(1, 2, 3, 4))
+  np.testing.assert_allclose(outs[~dropped], np.broadcast_to(y / 0.75, outs[~dropped].shape),
+                             rtol=1e-6)
+  # Binomial(400, 0.25): mean 100, sd 8.7; 5 sd either side.
+  assert 56 < dropped.sum() < 144
+  np.testing.assert_array_equal(pn.drop_branch(y, 0.0, jax.random.key(0)), y)
+
+
+def test_pyramidnet_forward_shapes_and_drop_path_only_in_training():
+  model = pn.create_pyramidnet("tree_cell_b", 1, 4, 2, num_classes=7, dw_impl="shift")
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  v = model.init(jax.random.key(1), x, train=False)
+  logits, aux = model.apply(v, x, train=False, drop_prob=0.5)
+  assert logits.shape == (2, 7) and aux is None
+  again, _ = model.apply(v, x, train=False)
+  np.testing.assert_array_equal(logits, again)  # eval mode: no drop
+  (a, _), _ = model.apply(v, x, train=True, drop_prob=0.0, rngs={"dropout": jax.random.key(3)},
+                          mutable=["batch_stats"])
+  (b, _), _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---- the tree cell as data ------------------------------------------------------------------------
+
+
+MULTI_OP = tree.TreeCell(tree.node(
+    "none", tree.edge("gconv_3x3", tree.node(
+        "add", tree.edge(("sep_3x3", "identity"), tree.node("none", tree.leaf("max_pool_3x3"))),
+        tree.leaf("conv_1x1", "avg_pool_3x3", "sep_7x7")))))
+
+
+@pytest.mark.parametrize("cell", [tree.TREE_CELL_A, tree.TREE_CELL_B, tree.PLAIN_CELL, MULTI_OP])
+def test_tree_cell_round_trips_through_json(cell, tmp_path):
+  assert tree.TreeCell.from_json(cell.to_json()) == cell
+  path = str(tmp_path / "cell.json")
+  cell.save(path)
+  assert tree.TreeCell.load(path) == cell
+  assert tree.load_tree_cell(path) == cell
+  assert tree.is_tree_cell_json(path)
+  assert json.loads(cell.to_json())["kind"] == "tree_cell"
+
+
+def test_tree_cell_a_structure_matches_the_spec_node_table():
+  a = tree.TREE_CELL_A
+  ops = sorted(op for _, _, b, _ in a.edges() for op in b.ops)
+  assert a.num_edges == 15 and a.depth == 3
+  assert ops.count("gconv_3x3") == 2 and ops.count("avg_pool_3x3") == 4
+  assert ops.count("sep_5x5") == 3 and ops.count("sep_3x3") == 3 and ops.count("sep_7x7") == 1
+  widths = {p: (i, o) for p, i, o, _ in a.edge_widths(40)}
+  assert widths["R111"] == (20, 20) and widths["R112"] == (20, 20)  # the concat-split node R11
+  assert all(w == (40, 40) for p, w in widths.items() if p[:3] != "R11" or len(p) == 3)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: tree.TreeCell(tree.node("none", tree.leaf("sep_3x3"))), "root edges"),
+    (lambda: tree.TreeCell(tree.node("none", tree.edge("gconv_3x3", tree.node(
+        "none", tree.leaf("gconv_3x3"))))), "use ops from"),
+    (lambda: tree.TreeCell(tree.node("none", tree.edge("gconv_3x3", tree.node(
+        "concat", tree.leaf("identity"), tree.leaf("sep_3x3"), allocation="copy")))),
+     "cannot"),
+    (lambda: tree.node("add", tree.leaf("sep_3x3")), "exactly one branch"),
+    (lambda: tree.TreeCell.from_dict({"kind": "tree_cell", "format_version": 1,
+                                      "root": {"merge": "none"}}), "malformed"),
+    (lambda: tree.TreeCell.from_dict({"space": "darts"}), "kind"),
+    (lambda: tree.load_tree_cell("no_such_cell"), "neither a registered"),
+])
+def test_bad_tree_cells_are_rejected_with_a_named_reason(bad, match):
+  with pytest.raises(ValueError, match=match):
+    bad()
+
+
+def test_tree_cell_picture_through_genotype_plot(tmp_path):
+  png, svg = genotype_lib.plot(tree.TREE_CELL_A, str(tmp_path / "a" / "cell"))
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(svg) as f:
+    assert "<svg" in f.read()
+
+
+# ---- the template, the switch layout and the prior ----------------------------------------------
+
+
+def test_template_topology_is_the_complete_binary_tree():
+  sp = spaces.get_space("tree")
+  topo = sp.cells["tree"]
+  assert sp.ops == tree.EDGE_OPS and sp.group_shape("tree") == (12, 8)
+  assert topo.num_inputs == 2 and topo.num_nodes == 5 and topo.concat == (6,)
+  by_name = {e.name: (e.source, e.target) for e in topo.edges}
+  assert by_name["R11"] == (0, 2) and by_name["R22"] == (1, 5)
+  assert by_name["R111"] == (2, 6) and by_name["R222"] == (5, 6)  # leaves enter the output node
+  assert supernet_lib.cell_counts("tree", 18) == {"tree": 54}
+  assert sp.switch_shapes({"tree": 54}) == {"tree": (54, 12, 8)}
+
+
+def _path_index(sp):
+  return {e.path: i for i, e in enumerate(sp.template.edges)}
+
+
+def test_prior_update_kills_the_subtree_of_a_dead_edge_and_the_edge_above_a_dead_node():
+  sp = spaces.get_space("tree")
+  idx = _path_index(sp)
+  n = 3
+  switches = {"tree": jnp.ones((n, 12, 8))}
+  state = bayes.init(switches)
+  sw = np.ones((n, 12, 8), np.float32)
+  sw[:, idx["R11"], 0] = 0.0  # top-down: R11's origin -> R111, R112 die with it
+  sw[:, idx["R211"], 1:] = 0.0  # bottom-up: both branches of R21 lose every op ...
+  sw[:, idx["R212"], 1:] = 0.0  # ... so the edge into R21 dies
+  h = {"tree": jnp.ones((n, 12, 8))}
+  new = bayes.update(state, {"tree": jnp.asarray(sw)}, h, lambda_origin=0.01, lambda_op=0.01,
+                     prune_threshold=1e-3, cells=sp.cells)
+  alive = np.asarray(new.alive["tree"])
+  dead = {"R11", "R111", "R112", "R21", "R211", "R212"}
+  for path, i in idx.items():
+    assert bool(alive[i, 0]) == (path not in dead), path
+    if path in dead:
+      assert not alive[i].any(), path
+  cell = tree.derive(sp, new.alive)
+  # Derived paths number the kept branches per node: R1 keeps only its second template child
+  # (R12 -> derived R11, with R121/R122 -> R111/R112), R2 only its second (R22 -> R21).
+  assert {p for p, _, _, _ in cell.edges()} == {"R1", "R2", "R11", "R111", "R112", "R21", "R211",
+                                                 "R212"}
+  assert cell.root.branches[0].child.merge == "none"
+  assert all(len(b.ops) == 7 for p, _, b, d in cell.edges() if d > 1)
+
+
+def test_dead_parent_removes_its_subtree_from_the_supernet():
+  """With R11's origin dead, the logits do not depend on the switches below R11 (zero gradient),
+  nor on the parameters of its subtree's ops."""
+  sp = spaces.get_space("tree")
+  idx = _path_index(sp)
+  mask = np.ones((12, 8), bool)
+  mask[idx["R11"], 0] = False
+  mask[idx["R11"], 1:] = False
+  mask = bayes.connected_edges(sp.cells["tree"], jnp.asarray(mask[:, 0]))
+  mask = np.asarray(mask)[:, None] & np.ones((12, 8), bool)
+  frozen = spaces.freeze_mask({"tree": mask})
+  full = supernet_lib.create_supernet("tree", 8, 1, 10, alpha=0.0, dw_impl="shift")
+  pruned = supernet_lib.create_supernet("tree", 8, 1, 10, frozen, alpha=0.0, dw_impl="shift")
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  sw = {"tree": jnp.ones((3, 12, 8))}
+  v = full.init(jax.random.key(1), x, sw, train=False)
+
+  def loss(switches, params):
+    out, _ = pruned.apply({"params": params, "batch_stats": v["batch_stats"]}, x, switches,
+                          train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+
+  g_sw, g_p = jax.grad(loss, argnums=(0, 1))(sw, v["params"])
+  for path in ("R11", "R111", "R112"):
+    np.testing.assert_array_equal(g_sw["tree"][:, idx[path]], 0.0)
+  assert float(jnp.abs(g_sw["tree"][:, idx["R121"]]).sum()) > 0
+  flat = flax.traverse_util.flatten_dict(g_p)
+  sub = [k for k in flat if any(p.startswith(("R11_", "R111_", "R112_")) for p in k)]
+  assert sub and all(float(jnp.abs(flat[k]).sum()) == 0.0 for k in sub)
+  # The same logits as the full supernet with those switches at 0.
+  sw0 = sw["tree"].at[:, idx["R11"], 0].set(0.0)
+  a, _ = pruned.apply(v, x, sw, train=True, mutable=["batch_stats"])
+  b, _ = full.apply(v, x, {"tree": sw0}, train=True, mutable=["batch_stats"])
+  assert not np.allclose(a, b)  # the full net's mean still divides by R1's two branches ...
+  sw1 = sw0.at[:, idx["R12"], 0].set(2.0)  # ... which the mean over live branches undoes
+  c_, _ = full.apply(v, x, {"tree": sw1}, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(a, c_, rtol=2e-4, atol=2e-5)
+
+
+# ---- derivation -----------------------------------------------------------------------------------
+
+
+
+
+@pytest.mark.parametrize("name", ["tree", "tree_tiny"])
+def test_derivation_is_a_valid_tree_on_adversarial_masks(name):
+  """Random masks, including a live child under a dead edge and an origin without live ops: the
+  derived cell is valid, keeps exactly the edges `bayes.connected_edges` keeps, with their
+  alive ops, and falls back to one best path when nothing is left."""
+  sp = spaces.get_space(name)
+  tmpl, topo = sp.template, sp.cells["tree"]
+  e, k = sp.group_shape("tree")
+  rng = np.random.default_rng(0)
+  for trial in range(300):
+    p_alive = rng.choice([0.15, 0.4, 0.7, 0.95])
+    alive = rng.random((e, k)) < p_alive
+    scores = rng.random((e, k))
+    live_edges = np.asarray(bayes.connected_edges(
+        topo, jnp.asarray(alive[:, 0] & alive[:, 1:].any(1))))
+    if not live_edges.any():
+      cell = tree.derive(sp, {"tree": alive}, {"tree": scores})
+      tree.check_valid(cell, tmpl)
+      assert all(n.merge == "none" for _, n, d in cell.nodes() if d > 0)  # one chain
+      assert cell.depth == len(tmpl.branches)
+      with pytest.raises(ValueError, match="no scores"):
+        tree.derive(sp, {"tree": alive})
+      continue
+    cell = tree.derive(sp, {"tree": alive}, {"tree": scores})
+    tree.check_valid(cell, tmpl)
+    # Map the derived branches back to template edges: walk both trees in parallel.
+    kept = {}
+
+    def walk(n, parent):
+      children = [i for i in tmpl.children(parent) if live_edges[i]]
+      assert len(children) == len(n.branches), (trial, parent)
+      for i, b in zip(children, n.branches):
+        kept[tmpl.edges[i].path] = b.ops
+        assert b.ops == tuple(op for j, op in enumerate(sp.ops) if alive[i, 1 + j])
+        if tmpl.edges[i].leaf:
+          assert b.child is None
+        else:
+          walk(b.child, tmpl.edges[i].path)
+
+    roots = [p for p in tmpl.root_children
+             if any(live_edges[i] for i in tmpl.children(p))]
+    assert len(cell.root.branches) == len(roots)
+    for p, b in zip(roots, cell.root.branches):
+      walk(b.child, p)
+    assert set(kept) == {tmpl.edges[i].path for i in np.nonzero(live_edges)[0]}
+
+
+def test_derivation_through_genotype_derive_and_max_ops():
+  sp = spaces.get_space("tree")
+  alive = np.ones((12, 8), bool)
+  scores = np.tile(np.arange(8.0), (12, 1))
+  full = genotype_lib.derive(sp, {"tree": alive}, {"tree": scores})
+  assert full.num_edges == 14 and all(len(b.ops) == 7 for p, _, b, d in full.edges() if d > 1)
+  capped = genotype_lib.derive(sp, {"tree": alive}, {"tree": scores}, max_ops=1)
+  assert {b.ops for _, _, b, d in capped.edges() if d > 1} == {("avg_pool_3x3",)}
+  with pytest.raises(ValueError, match="shape"):
+    tree.derive(sp, {"tree": alive[:3]})
