@@ -9,7 +9,7 @@ Spearman rank correlation. It then prints the cost of the default estimator
 fraction of one search epoch of `--epoch_steps` training steps (targets: default <= 10 %,
 recursive <= 1.5 training steps per batch).
 
-As in the search runner, every estimator sees the supernet through `search.curvature_apply`
+As in the search runner, every estimator sees the supernet through `search_steps.curvature_apply`
 (train-mode batch norm with the statistics held fixed), the training step and the reverse-mode
 estimators (`curvature.REVERSE_MODE_KINDS`) use ``--dw_impl`` (default 'auto': the custom-VJP
 'shift_vjp' ops on CPU) and the others the plain-AD 'shift' ops.
@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from bnas_jax import curvature
-from bnas_jax import search
+from bnas_jax import search_steps
 from bnas_jax.models import supernet as supernet_lib
 
 # name -> (estimator, options)
@@ -130,7 +130,7 @@ def main():
   ref_name = next((n for n in names if VARIANTS[n][0] == "ggn"), None)
   for name in names:
     kind, opts = VARIANTS[name]
-    apply_fn = functools.partial(search.curvature_apply, model if kind in
+    apply_fn = functools.partial(search_steps.curvature_apply, model if kind in
                                  curvature.REVERSE_MODE_KINDS else plain_ad_model)
     fn = curvature.make_curvature_fn(kind, apply_fn, **opts)
     h, first, run_s = _timed(fn, switches, variables, batch, jax.random.PRNGKey(1),

@@ -5,7 +5,7 @@ Every estimator in `CURVATURE_FNS` has the signature
   ``fn(apply_fn, switches, variables, batch, key=None, **opts) -> pytree shaped like switches``
 
 * ``apply_fn(variables, switches, images) -> logits f32[B, C]`` is a pure function (for the supernet:
-  `bnas_jax.search.curvature_apply`, see "The curvature" below).
+  `bnas_jax.search_steps.curvature_apply`, see "The curvature" below).
 * ``switches`` is any pytree of float arrays (for the supernet ``{tau: f32[n_tau, E, K]}``).
 * ``batch = {'image': f32[B, ...], 'label': i32[B]}`` (for ``loss='squared_error'`` the label is a
   regression target ``f32[B, C]``).
@@ -14,7 +14,7 @@ The curvature (one quantity for every estimator). The Laplace step of BayesNAS n
 of the data loss with respect to the switches. For the supernet it is defined on the loss with
 each batch-norm layer's statistics *held fixed at this batch's values*: train-mode normalisation
 with the batch mean and variance, but no derivative through them
-(`bnas_jax.models.layers.frozen_batch_stats`, entered by `search.curvature_apply`). This is the
+(`bnas_jax.models.layers.frozen_batch_stats`, entered by `search_steps.curvature_apply`). This is the
 form of the original's layer recursion (spec 6.2, BN as a fixed scale) and of common Laplace
 libraries (a network evaluated at fixed normalisation), and it makes every kind below estimate the
 same diagonal:

@@ -352,14 +352,14 @@ def test_supernet_ggn_and_hessian(supernet_problem):
 
 
 # --------------------------------------------------------------------------------------------------
-# One curvature: with batch-norm statistics held fixed (the runner's `search.curvature_apply`),
+# One curvature: with batch-norm statistics held fixed (the runner's `search_steps.curvature_apply`),
 # every kind estimates the same diagonal, per switch, on real tiny supernets. Origin switches in
 # front of BN-first ops are included (with train-mode statistics they are scale-invariant there,
 # and the exact kinds gave ~0 where the per-example kinds gave O(1)).
 # --------------------------------------------------------------------------------------------------
 
 def _supernet_case(space, num_cells, seed):
-  from bnas_jax import search  # pylint: disable=g-import-not-at-top
+  from bnas_jax import search_steps  # pylint: disable=g-import-not-at-top
   from bnas_jax.models import supernet as supernet_lib  # pylint: disable=g-import-not-at-top
   model = supernet_lib.create_supernet(space, init_channels=4, num_cells=num_cells,
                                        num_classes=C, dw_impl="shift")
@@ -372,7 +372,7 @@ def _supernet_case(space, num_cells, seed):
   switches = jax.tree_util.tree_map(
       lambda s: s * jax.random.uniform(ks, s.shape, jnp.float64, 0.5, 1.5), to64(switches))
   batch = {"image": to64(images), "label": jax.random.randint(ky, (4,), 0, C)}
-  return functools.partial(search.curvature_apply, model), switches, to64(dict(variables)), batch
+  return functools.partial(search_steps.curvature_apply, model), switches, to64(dict(variables)), batch
 
 
 @pytest.fixture(scope="module", params=[("nb201", 1), ("bayesnas", 3)], ids=["nb201", "bayesnas"])

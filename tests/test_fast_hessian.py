@@ -248,7 +248,7 @@ SPEARMAN = {  # space: (num_cells, (measured all, bound all), (measured worst ce
 
 
 def _supernet(space, **model_kw):
-  from bnas_jax import search  # pylint: disable=g-import-not-at-top
+  from bnas_jax import search_steps  # pylint: disable=g-import-not-at-top
   from bnas_jax.models import supernet as supernet_lib  # pylint: disable=g-import-not-at-top
   num_cells = SPEARMAN[space][0]
   model = supernet_lib.create_supernet(space, 4, num_cells, 10, **model_kw)
@@ -259,7 +259,7 @@ def _supernet(space, **model_kw):
   switches = jax.tree_util.tree_map(
       lambda s: s * jax.random.uniform(ks, s.shape, s.dtype, 0.5, 1.5), switches)
   batch = {"image": images, "label": jax.random.randint(ky, (4,), 0, 10)}
-  return functools.partial(search.curvature_apply, model), switches, variables, batch
+  return functools.partial(search_steps.curvature_apply, model), switches, variables, batch
 
 
 def _recursive(problem):

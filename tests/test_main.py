@@ -17,6 +17,7 @@ from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
 from bnas_jax import main as main_lib
 from bnas_jax import search
+from bnas_jax import search_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_EXPERIMENTS = ("cifar_proxy", "cifar_proxy_darts", "nb201_cifar10", "nb201_cifar100", "tiny")
@@ -57,7 +58,7 @@ def test_proxy_config_is_the_official_protocol():
   assert (config.search.switch_lr, config.search.momentum) == (0.1, 0.9)
   assert dict(config.data.splits) == {"warmup": 5_000, "search": 40_000, "val": 5_000}
   assert config.bayes.lambda_origin == config.bayes.lambda_op == 0.01
-  assert search._curvature_scale(config) == 1.0  # pylint: disable=protected-access
+  assert search_config.curvature_scale(config) == 1.0
 
 
 def test_misspelt_override_fails_naming_the_field(tmp_path):
@@ -98,7 +99,7 @@ def test_stored_config_of_an_older_version_gets_new_defaults(tmp_path):
   assert loaded.genotype.max_ops == 0 and loaded.model.dw_impl == "auto"
   assert loaded.space == config.space and loaded.data.splits.search == 8
   (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # resuming with the new fields is allowed
-  search._write_config(config, str(tmp_path))  # pylint: disable=protected-access
+  config_files.write_config(config, str(tmp_path), search_config.RESUME_SAFE_FIELDS)
   assert json.loads((tmp_path / "config.json").read_text())["genotype"]["max_ops"] == 0
 
 

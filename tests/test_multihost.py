@@ -199,13 +199,15 @@ def test_two_processes_give_the_one_process_result_and_process_0_alone_writes(
     assert f.read().count("starting a new search") == 1
 
 
-def _position(workdir: str) -> tuple[str, int, int]:
+def _position(workdir: str, data_dir: str) -> tuple[str, int, int]:
+  """(stage kind, step in the stage, global step) of the newest checkpoint."""
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
     position = ckpt.restore_meta()["position"]
   finally:
     ckpt.close()
-  return position["phase"], position["step"], position["global_step"]
+  kind = search.plan(tiny_config(data_dir))[position["stage"]].kind
+  return kind, position["step"], position["global_step"]
 
 
 def test_stopped_or_killed_process_then_both_restarted_resume_to_the_same_result(
@@ -218,7 +220,7 @@ def test_stopped_or_killed_process_then_both_restarted_resume_to_the_same_result
   rcs = term.wait()
   assert rcs == [128 + signal.SIGTERM] * 2, "\n".join(term.log(i)[-3000:] for i in range(2))
   assert "another process received SIGTERM" in term.log(0)
-  assert _position(workdir) == ("search", 1, 1)
+  assert _position(workdir, cifar10_subset_dir) == ("search", 1, 1)
 
   # Restarted; process 1 is SIGKILLed after step 2 of the 3-step epoch (its checkpoint written).
   crash = TwoProcesses(workdir, cifar10_subset_dir, data_cache_dir, "crash",
@@ -229,7 +231,7 @@ def test_stopped_or_killed_process_then_both_restarted_resume_to_the_same_result
   assert rcs[0] == 1, crash.log(0)[-3000:]
   assert "another process has probably stopped" in crash.log(0)
   assert "Check failure stack trace" not in crash.log(0)
-  assert _position(workdir) == ("search", 2, 2)
+  assert _position(workdir, cifar10_subset_dir) == ("search", 2, 2)
   assert not os.path.exists(os.path.join(workdir, "genotype.json"))
 
   # Restarted with the multi-host flags alone (config.distributed may change on resume).

@@ -33,7 +33,9 @@ import pytest
 from bnas_jax import checkpointing
 from bnas_jax import errors
 from bnas_jax import genotype as genotype_lib
+from bnas_jax import run_lib
 from bnas_jax import search
+from bnas_jax import search_steps
 import helpers
 from bnas_jax.search_space import spaces
 from bnas_jax.data import sharding
@@ -109,7 +111,7 @@ def assert_same_result(a: search.SearchResult, b: search.SearchResult, exact: bo
       np.testing.assert_allclose(a.gamma[t], b.gamma[t], rtol=1e-3, atol=1e-6)
 
 
-def test_reference_run_writes_everything(reference_run):
+def test_reference_run_writes_everything(reference_run, cifar10_subset_dir):
   result, workdir = reference_run
   assert result.completed and result.global_step == 6  # 2 warm-up + 2 x 2 search steps
   assert [h["iteration"] for h in result.history] == [1, 2]
@@ -145,7 +147,9 @@ def test_reference_run_writes_everything(reference_run):
   # Checkpoints: keep-last-2, the latest one marks the run as done.
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
   assert len(ckpt.all_indices()) == 2
-  assert ckpt.restore_meta()["position"]["phase"] == search.PHASE_DONE
+  stages = search.plan(tiny_config(cifar10_subset_dir))
+  assert [s.kind for s in stages] == ["warmup", "search", "update", "search", "update"]
+  assert ckpt.restore_meta()["position"]["stage"] == len(stages)
   ckpt.close()
 
   # TensorBoard: training, prior and per-iteration scalars.
@@ -164,10 +168,12 @@ def test_step_functions_compiled_once_per_mask(reference_run, cifar10_subset_dir
   result, _ = reference_run
   config = tiny_config(cifar10_subset_dir)
   mesh = sharding.make_mesh()
-  full = search._build_step_fns(search._static_key(config, 10, None, mesh))
-  pruned = search._build_step_fns(
-      search._static_key(config, 10, spaces.freeze_mask(result.alive), mesh))
+  full = search_steps.step_fns(search_steps.StepKey.create(config, 10, None, mesh))
+  pruned = search_steps.step_fns(search_steps.StepKey.create(config, 10, result.alive, mesh))
   assert full is not pruned
+  # The key holds what the functions close over: a field they do not read shares them.
+  other = tiny_config(cifar10_subset_dir, **{"search.iterations": 7, "log_every_steps": 3})
+  assert search_steps.step_fns(search_steps.StepKey.create(other, 10, None, mesh)) is full
   # The warm-up and the search epochs ran one train_step program (its phase flag is traced).
   for fns in (full, pruned):
     for name in ("train_step", "eval_step", "curvature_fn", "prior_update"):
@@ -185,39 +191,44 @@ def test_compile_ahead_leaves_nothing_to_compile_for_the_real_calls(tmp_path,
     if event == "/jax/core/compile/backend_compile_duration":
       compiled.append(kw.get("fun_name", ""))
 
-  runner = search._Runner(config, str(tmp_path))
+  run_ = run_lib.Run(config, str(tmp_path))
+  searcher = search._Search(config, run_)  # pylint: disable=protected-access
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    state = runner.fresh_state()
+    state, _ = searcher.restore_or_init()
     alive = {t: np.asarray(a) for t, a in state["prior"].alive.items()}
-    runner.compile_ahead(state, alive, train=True, evaluate=True, curvature_iteration=1)
-    runner.wait_compiles()
+    searcher.compile_ahead(state, alive, train=True, evaluate=True, curvature_t=1)
+    searcher.wait_compiles()
     steps = ("jit(train_step)", "jit(eval_step)", "jit(curvature)")
     ahead = [n for n in compiled if n in steps]
     assert sorted(ahead) == sorted(steps), compiled
     del compiled[:]
-    # The real calls: an evaluation, a curvature pass and a training epoch of the search phase.
-    runner.evaluate(state)
-    runner.curvature(state, search._Position(search.PHASE_UPDATE, 1, 0, 0, 0))
-    runner.run_epoch(state, search._Position(search.PHASE_SEARCH, 1, 0, 0, 0), search.PHASE_SEARCH)
+    # The real calls: an evaluation, a curvature pass and a training epoch of the search stage.
+    fns = searcher.fns(alive)
+    searcher.evaluate(state, fns)
+    searcher.curvature(state, 1, fns)
+    searcher.train_epoch(state, run_lib.Position(1, 0, 0), search.Stage(search.SEARCH, 1), fns,
+                         [])
     assert not [n for n in compiled if n in steps], compiled
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-    runner.close()
+    searcher.close()
+    run_.close()
 
 
 def _one_step_inputs(config, mesh):
   from bnas_jax.models import supernet  # pylint: disable=g-import-not-at-top
   counts = supernet.cell_counts(config.space, config.model.num_cells)
   shapes = spaces.get_space(config.space).switch_shapes(counts)
-  state = jax.jit(lambda k: search.init_state(config, 10, shapes, k))(search._init_key(3))
+  state = jax.jit(lambda k: search_steps.init_state(config, 10, shapes, k))(
+      search_steps.init_key(3))
   k1, k2 = jax.random.split(jax.random.key(5))
   batch = {"image": jax.random.normal(k1, (4, 32, 32, 3)),
            "label": jax.random.randint(k2, (4,), 0, 10)}
   # Placed as the runner places them, so that the module's compiled train_step is reused.
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return (jax.device_put(state, repl), jax.device_put(batch, sharding.batch_sharding(mesh)),
-          lambda: jax.device_put(search.new_train_acc(), repl))
+          lambda: jax.device_put(search_steps.new_train_acc(), repl))
 
 
 def test_warmup_phase_is_a_weights_only_sgd_step_on_the_nll(cifar10_subset_dir):
@@ -226,9 +237,9 @@ def test_warmup_phase_is_a_weights_only_sgd_step_on_the_nll(cifar10_subset_dir):
   import optax  # pylint: disable=g-import-not-at-top
   config = tiny_config(cifar10_subset_dir)
   mesh = sharding.make_mesh()
-  fns = search._build_step_fns(search._static_key(config, 10, None, mesh))
+  fns = search_steps.step_fns(search_steps.StepKey.create(config, 10, None, mesh))
   state, batch, new_acc = _one_step_inputs(config, mesh)
-  model = search.create_model(config, 10)
+  model = search_steps.create_model(config, 10)
 
   def nll(params):
     ones = jax.tree.map(jnp.ones_like, state["switches"])
@@ -306,26 +317,6 @@ def test_sigterm_checkpoints_the_current_step_and_resume_equals_uninterrupted(
   assert [h["val_accuracy"] for h in final.history] == [h["val_accuracy"] for h in result.history]
 
 
-def test_stop_signal_second_ctrl_c_interrupts_and_ignored_signals_stay_ignored():
-  before = signal.getsignal(signal.SIGINT)
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    stop = search._StopSignal()
-    signal.raise_signal(signal.SIGINT)  # first: a request, no exception
-    assert stop.requested and stop.name == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):
-      signal.raise_signal(signal.SIGINT)  # second: stop at once
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    # A signal ignored at start (a background job's SIGINT) gets no handler and stays ignored.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop = search._StopSignal()
-    signal.raise_signal(signal.SIGINT)
-    assert not stop.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    stop.restore()
-  finally:
-    signal.signal(signal.SIGINT, before)
-
-
 def test_finished_run_extended_to_more_iterations_equals_a_longer_run(reference_run, tmp_path,
                                                                        cifar10_subset_dir):
   _, workdir = reference_run
@@ -377,6 +368,25 @@ def test_checkpoint_of_another_layout_is_refused_with_a_clear_error(reference_ru
   ckpt.close()
   with pytest.raises(errors.ConfigError, match=r"does not match the state .* new --workdir"):
     search.run(config, moved)
+
+
+def test_checkpoint_of_the_older_format_is_refused_in_one_line(reference_run, tmp_path,
+                                                               cifar10_subset_dir):
+  # Meta of the format before the stage plan (phase / iteration / epoch): one line, the fix.
+  _, workdir = reference_run
+  moved = str(tmp_path / "old")
+  shutil.copytree(workdir, moved)
+  config = tiny_config(cifar10_subset_dir)
+  ckpt = checkpointing.Checkpointer(os.path.join(moved, "checkpoints"), async_save=False)
+  latest = ckpt.latest_index()
+  state, _ = ckpt.restore(_abstract_state(config), latest)
+  ckpt.save(latest + 1, state, {"position": {"phase": "done", "iteration": 2, "epoch": 0,
+                                             "step": 0, "global_step": 6}, "history": []})
+  ckpt.close()
+  with pytest.raises(errors.ConfigError, match=r"older bnas_jax \(checkpoint format 1.*resume it "
+                     r"with the version that wrote it.* new --workdir") as e:
+    search.run(config, moved)
+  assert "\n" not in str(e.value)
 
 
 def truncate_largest_data_file(checkpoint_dir: str) -> str:
@@ -442,7 +452,7 @@ def _abstract_state(config):
   from bnas_jax.search_space import spaces  # pylint: disable=g-import-not-at-top
   counts = supernet.cell_counts(config.space, config.model.num_cells)
   shapes = spaces.get_space(config.space).switch_shapes(counts)
-  return jax.eval_shape(lambda k: search.init_state(config, 10, shapes, k),
+  return jax.eval_shape(lambda k: search_steps.init_state(config, 10, shapes, k),
                         jax.random.key(0, impl="rbg"))
 
 

@@ -17,6 +17,7 @@ import pytest
 from bnas_jax import errors
 from bnas_jax import nb201
 from bnas_jax import search
+from bnas_jax import search_config
 import helpers
 from bnas_jax import train_eval
 from bnas_jax.data import dataset
@@ -90,11 +91,11 @@ def test_unnamed_absent_default_table_turns_look_ups_off_said_once(tmp_path, cif
   with caplog.at_level(logging.WARNING):
     search.check_inputs(config)  # not asked for: no error, and nothing logged by the check
     assert not caplog.records
-    assert search._load_nb201_table(config) is None  # pylint: disable=protected-access
+    assert search_config.load_nb201_table(config) is None
   assert [r.getMessage().split(":")[0] for r in caplog.records] == [
       "NAS-Bench-201 look-ups are off"]
   # Another space never looks at the table.
-  assert search._load_nb201_table(  # pylint: disable=protected-access
+  assert search_config.load_nb201_table(
       tiny_config(cifar10_subset_dir, space="bayesnas", **{"nb201.table": "/x.zip"})) is None
 
 
@@ -125,7 +126,7 @@ def test_command_line_misspelt_table_is_one_line_and_exit_2(tmp_path, cifar10_su
 def test_nb201_look_ups_are_off_for_other_data_unless_a_table_is_named(
     tmp_path, cifar10_subset_dir, monkeypatch, caplog):
   monkeypatch.delenv(nb201.TABLE_ENV_VAR, raising=False)
-  load = search._load_nb201_table  # pylint: disable=protected-access
+  load = search_config.load_nb201_table
   if load(tiny_config(cifar10_subset_dir), log=False) is None:
     pytest.fail("the default NAS-Bench-201 table did not load (shared/nb201 is part of the setup)")
   own = tiny_config(cifar10_subset_dir, **{"data.name": "shapes48"})
