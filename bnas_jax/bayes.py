@@ -42,7 +42,7 @@ the group). `update` uses the per-cell form; ``fidelity=True`` reproduces the qu
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -322,6 +322,63 @@ def update(state: HardPriorState, switches: Switches, h: Switches, *, lambda_ori
   return HardPriorState(gamma=gamma, omega=omega, posterior_variance=post, curvature=curv,
                         alive=alive, count=state.count + 1, score=score)
 
+
+
+class HardPrior(NamedTuple):
+  """The HARD prior as an optax-style pair of pure functions (`hard_prior`).
+
+  Attributes:
+    init: ``init(switches, key=None) -> HardPriorState`` (`init` with the factory's settings).
+    update: ``update(h, state, switches) -> (switches, state)``: like an optax
+      ``update(updates, state, params)``, the curvature ``h`` ``{tau: f32[n, E, K]}`` comes first
+      and the switches are the parameters; returns the switches with pruned groups set exactly to
+      0 (`apply_mask`) and the new state (`update`).
+  """
+  init: Callable[..., HardPriorState]
+  update: Callable[..., tuple[dict[str, Array], HardPriorState]]
+
+
+def hard_prior(*, lambda_origin: float, lambda_op: float, prune_threshold: float,
+               prune_mode: str = "absolute", eps_omega: float = EPS_OMEGA, fidelity: bool = False,
+               cells: Mapping[str, Any] | None = None, random_init: bool = False,
+               gamma_init: float = 1.0, omega_init: float = 1.0) -> HardPrior:
+  """The HARD prior (spec 4.2, 4.4) as ``(init, update)``, its settings bound once.
+
+  ``prior = hard_prior(lambda_origin=0.01, lambda_op=0.01, prune_threshold=1e-3)``, then
+  ``state = prior.init(switches)`` and after each epoch and curvature pass
+  ``switches, state = prior.update(h, state, switches)``. Both are pure and jit-able; they compute
+  exactly `init`, `update` and `apply_mask` with these keywords.
+
+  Args:
+    lambda_origin, lambda_op, prune_threshold, prune_mode, eps_omega, fidelity, cells: as
+      `update`.
+    random_init, gamma_init, omega_init: as `init`.
+
+  Raises:
+    ValueError: a non-positive lambda, eps_omega, gamma_init or omega_init, a negative
+      prune_threshold or an unknown prune_mode, named here rather than at the first update.
+  """
+  for name, value in (("lambda_origin", lambda_origin), ("lambda_op", lambda_op),
+                      ("eps_omega", eps_omega), ("gamma_init", gamma_init),
+                      ("omega_init", omega_init)):
+    _check_positive(value, name)
+  if isinstance(prune_threshold, numbers.Real) and prune_threshold < 0:
+    raise ValueError(f"prune_threshold must be >= 0 (0 disables pruning), got {prune_threshold}")
+  if prune_mode not in PRUNE_MODES:
+    raise ValueError(f"prune_mode must be one of {PRUNE_MODES}, got {prune_mode!r}")
+
+  def init_fn(switches: Switches, key: Array | None = None) -> HardPriorState:
+    return init(switches, key=key, random_init=random_init, gamma_init=gamma_init,
+                omega_init=omega_init)
+
+  def update_fn(h: Switches, state: HardPriorState,
+                switches: Switches) -> tuple[dict[str, Array], HardPriorState]:
+    state = update(state, switches, h, lambda_origin=lambda_origin, lambda_op=lambda_op,
+                   prune_threshold=prune_threshold, prune_mode=prune_mode, eps_omega=eps_omega,
+                   fidelity=fidelity, cells=cells)
+    return apply_mask(switches, state.alive), state
+
+  return HardPrior(init_fn, update_fn)
 
 
 def connected_edges(topology: Any, edge_alive: Array) -> Array:

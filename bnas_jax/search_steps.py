@@ -3,8 +3,8 @@
 * `train_step(state, acc, batch, update_switches, *, ...)`: one SGD step of the warm-up
   (``update_switches=False``) or search epoch (``True``), spec 5 steps 1-2;
 * `eval_step(state, acc, batch, *, ...)`: the supernet's NLL / correct / count sums on a batch;
-* `prior_update(prior, switches, h, *, ...)`: `bayes.update` plus the mask of pruned switches
-  (spec 4.2, 4.4);
+* `prior_update(prior, switches, h, *, hard_prior)`: `bayes.update` plus the mask of pruned
+  switches (spec 4.2, 4.4), through the optax-style factory `bayes.hard_prior`;
 * `curvature_apply`: the supernet logits every curvature estimator differentiates.
 
 `step_fns(key)` binds them to what they close over and jits them. That is exactly the fields of
@@ -220,11 +220,15 @@ def eval_step(state, acc, batch, *, model, batch_bn: bool):
           "count": acc["count"] + jnp.sum(weights)}
 
 
-def prior_update(prior, switches, h, *, cells: tuple[str, ...], **hyper):
+def prior_update(prior, switches, h, *, hard_prior: bayes.HardPrior):
   """`bayes.update` (gamma, omega, C, pruning; spec 4.2) with the scaled curvature `h`, then the
-  switches with pruned groups set exactly to 0. `hyper`: `bayes.update`'s keywords."""
-  prior = bayes.update(prior, switches, h, cells=cells, **hyper)
-  return prior, bayes.apply_mask(switches, prior.alive)
+  switches with pruned groups set exactly to 0, through the factory `bayes.hard_prior`.
+
+  Returns:
+    ``(new prior, new switches)``.
+  """
+  switches, prior = hard_prior.update(h, prior, switches)
+  return prior, switches
 
 
 def curvature_apply(model, variables, switches, images):
@@ -329,9 +333,9 @@ def step_fns(key: StepKey) -> StepFns:
                             lambda_origin=key.lambda_origin, lambda_op=key.lambda_op,
                             proximal=key.proximal, prox_step=switch_lr / (1.0 - switch_momentum))
   evaluate = functools.partial(eval_step, model=model, batch_bn=key.eval_batch_bn)
-  update = functools.partial(prior_update, cells=spaces.get_space(key.space).cells,
-                             lambda_origin=key.lambda_origin, lambda_op=key.lambda_op,
-                             **dict(key.prune))
+  update = functools.partial(prior_update, hard_prior=bayes.hard_prior(
+      lambda_origin=key.lambda_origin, lambda_op=key.lambda_op,
+      cells=spaces.get_space(key.space).cells, **dict(key.prune)))
   # 'shift_vjp' depthwise convs have a custom VJP and no forward mode: the curvature kinds that
   # use jvp / linearize get the same network with plain 'shift' convs (identical values).
   curv_model = model

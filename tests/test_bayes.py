@@ -663,3 +663,49 @@ def test_calibration_quantiles_of_gamma_times_h():
     np.testing.assert_allclose(got[f"normal/{kind}/H_median"], np.median(big_h[live]), rtol=1e-5)
     np.testing.assert_allclose(got[f"normal/{kind}/inv_gamma_median"], np.median(1 / g[live]),
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The optax-style factory.
+
+
+def test_hard_prior_factory_matches_numpy_reference_and_masks_switches():
+  """hard_prior(...).update(h, state, switches) against the float64 reference per element, and
+  its switches are apply_mask's (pruned groups exactly 0, live ones unchanged)."""
+  space = spaces.get_space("bayesnas")
+  shapes = space.switch_shapes({"normal": 4, "reduce": 2})
+  rng = np.random.default_rng(11)
+  s = {t: jnp.asarray(rng.normal(size=sh), jnp.float32) for t, sh in shapes.items()}
+  h = {t: jnp.asarray(rng.uniform(0.0, 1.0, sh), jnp.float32) for t, sh in shapes.items()}
+  prior = bayes.hard_prior(lambda_origin=0.01, lambda_op=0.007, prune_threshold=0.5,
+                           prune_mode="relative", gamma_init=0.3, omega_init=2.0)
+  state = jax.jit(prior.init)(s)
+  for t, sh in shapes.items():
+    np.testing.assert_array_equal(state.gamma[t], np.full(sh, 0.3, np.float32))
+    np.testing.assert_array_equal(state.omega[t], np.full(sh[1:], 2.0, np.float32))
+  new_s, new_state = jax.jit(prior.update)(h, state, s)
+  lam = np.array([0.01] + [0.007] * len(space.ops))
+  for t, sh in shapes.items():
+    g, w, _, _, a = _np_reference_update(np.full(sh, 0.3), np.asarray(s[t], np.float64),
+                                         np.asarray(h[t], np.float64), np.ones(sh[1:], bool),
+                                         lam, 0.5, True)
+    np.testing.assert_array_equal(new_state.alive[t], a)
+    assert 0 < a.sum() < a.size
+    np.testing.assert_allclose(new_state.gamma[t], np.broadcast_to(g, sh), rtol=1e-5)
+    np.testing.assert_allclose(new_state.omega[t], w, rtol=1e-5)
+    np.testing.assert_array_equal(new_s[t], np.where(a[None], np.asarray(s[t]), 0.0))
+  assert int(new_state.count) == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lambda_origin=0.0), "lambda_origin"),
+    (dict(lambda_op=-1.0), "lambda_op"),
+    (dict(prune_mode="percent"), "prune_mode"),
+    (dict(prune_threshold=-0.1), "prune_threshold"),
+    (dict(gamma_init=0.0), "gamma_init"),
+    (dict(eps_omega=0.0), "eps_omega"),
+])
+def test_hard_prior_factory_rejects_bad_settings_when_built(kwargs, match):
+  kwargs = {"lambda_origin": 1.0, "lambda_op": 1.0, "prune_threshold": 0.0, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    bayes.hard_prior(**kwargs)
