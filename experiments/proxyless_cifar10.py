@@ -22,9 +22,9 @@ Variants (``:name``):
 
 * (none): the full supernet (17.5 M parameters) on 5k warm-up / 40k search / 5k val images,
   batch 64, T = 3. Needs a GPU.
-* ``cpu``: N = 1 block per stage, alpha = 12 (widths 18-28), stem 16, on 500 / 1,000 / 500
-  images, batch 32, T = 2; for this 2-core CPU (the command and its wall time are in
-  docs/proxyless.md).
+* ``cpu``: N = 1 block per stage, alpha = 12 (widths 20, 24, 28), stem 16, on 256 / 512 / 256
+  images, batch 32, T = 2; for a 2-core CPU, where XLA compilation takes most of the time (the
+  command and its wall time are in docs/proxyless.md).
 * ``tiny``: the ``tree_tiny`` space (6 searched edges) on 3 blocks of width 8, 8 + 8 + 8 images of
   the lossless subset: smoke tests and CI.
 """
@@ -58,12 +58,12 @@ def get_config(arg=None):
   if arg == "cpu":
     config.model.num_cells = 1
     config.model.alpha = 12.0
-    config.data.splits.warmup = 500
-    config.data.splits.search = 1_000
-    config.data.splits.val = 500
+    config.data.splits.warmup = 256
+    config.data.splits.search = 512
+    config.data.splits.val = 256
     config.search.iterations = 2
     config.search.batch_size = 32
-    config.search.eval_batch_size = 100
+    config.search.eval_batch_size = 128
     config.curvature.num_batches = 2
     config.checkpoint.every_steps = 50
     config.log_every_steps = 10
