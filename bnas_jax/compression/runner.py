@@ -15,7 +15,7 @@ The plan of a run is a list of stages, each one epoch-sized chunk of work (compr
 
    * ``'bayesnas'``: train weights and switches on ``E_D + lambda sum omega_g |s_g|``, then the
      GGN curvature, `bayes.update` (reweighting, hierarchy) and pruning (`train.prior_step`);
-   * ``'group_lasso'`` (baseline B1, spec 7.2): the same switches, optimiser, proximal step and
+   * ``'group_lasso'`` (baseline B1, spec 7.2): the same switches, optimiser, penalty step and
      ``eps_s`` threshold with omega = 1 (no curvature, no gamma), i.e. network slimming's L1 on the
      switches;
    * ``'l1_filter'`` (B2) and ``'random'`` (B3) prune at once from the pretrained network (L1 norm
@@ -93,13 +93,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.compress.batch_size = 128
   c.compress.lr = 1e-3  # weights (Adam)
   c.compress.weight_decay = 1e-4  # kernels and BN scales (spec 3.4)
-  c.compress.switch_lr = 0.1  # SGD with momentum (BayesNAS, spec 3.2)
-  c.compress.switch_momentum = 0.9
-  c.compress.penalty_mode = "proximal"
-  c.compress.lam = 0.3  # lambda, for the mean-CE loss; sweep it (spec 3.4, 7.3)
+  c.compress.switch_optimizer = "adam"  # 'adam' (10x the weights' lr, spec 3.2) or 'sgd'
+  c.compress.switch_lr = 1e-2
+  c.compress.switch_momentum = 0.9  # sgd only
+  c.compress.penalty_mode = "subgradient"  # or 'proximal' (sgd only)
+  c.compress.lam = 1e-3  # lambda, for the mean-CE loss; sweep it (spec 3.4, 7.3)
   c.compress.lambda_ramp = 0.15  # fraction of the iterations over which lambda ramps up
   c.compress.prune_threshold = 1e-4  # gamma < this x the layer's median live gamma: dead
-  c.compress.eps_s = 1e-3  # |s| < eps_s: dead
+  c.compress.eps_s = 1e-2  # |s| < eps_s: dead (Adam steps of 1e-2 hover around 0)
   c.compress.curvature = "ggn_fast"
   c.compress.curvature_batches = 20  # M
   c.compress.curvature_batch_size = 128
@@ -146,6 +147,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if c.compress.penalty_mode not in train.PENALTY_MODES:
     raise errors.ConfigError(f"config.compress.penalty_mode={c.compress.penalty_mode!r}; choose "
                              f"one of {train.PENALTY_MODES}")
+  try:
+    train.make_step_fns(make_arch(c), _step_config(c, "compress"))
+  except ValueError as e:
+    raise errors.ConfigError(f"config.compress: {e}") from None
   if not 0.0 <= float(c.baseline.ratio) < 1.0:
     raise errors.ConfigError(f"config.baseline.ratio={c.baseline.ratio} must be in [0, 1)")
   if c.method == "random":
@@ -238,6 +243,7 @@ def _step_config(config, kind: str) -> train.StepConfig:
                             train_bn=True, dropout=True)
   if kind == "compress":
     return train.StepConfig(lr=float(c.compress.lr), weight_decay=float(c.compress.weight_decay),
+                            switch_optimizer=c.compress.switch_optimizer,
                             switch_lr=float(c.compress.switch_lr),
                             switch_momentum=float(c.compress.switch_momentum),
                             penalty_mode=c.compress.penalty_mode, train_bn=False, dropout=False)
@@ -494,7 +500,15 @@ class _Runner:
       self.run.writer.write_scalars(stage.index, scalars, prefix="calibration/", log=False)
     self.run.writer.write_scalars(stage.index, {f"live/{k}": v for k, v in kept.items()},
                                   log=False)
-    logging.info("compress %d: lambda %.3g, live units %s", stage.index, lam, kept)
+    stats = {}
+    for tau, sw in ts.switches.items():
+      live = np.asarray(prior.alive[tau])
+      a, w = np.abs(np.asarray(sw)[0])[live], np.broadcast_to(np.asarray(prior.omega[tau]),
+                                                               live.shape)[live]
+      if a.size:
+        stats[tau] = f"|s| {np.median(a):.3g} omega {np.median(w):.3g}"
+    logging.info("compress %d: lambda %.3g, live units %s; live medians %s", stage.index, lam,
+                 kept, stats)
     return dict(state, train=ts, prior=prior), summary
 
   def _export(self, state, history):

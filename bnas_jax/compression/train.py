@@ -43,6 +43,7 @@ from bnas_jax.data import pipeline
 
 Array = jax.Array
 PENALTY_MODES = ("subgradient", "proximal")
+SWITCH_OPTIMIZERS = ("adam", "sgd")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -147,18 +148,23 @@ class StepConfig:
   Attributes:
     lr: weight learning rate (Adam).
     weight_decay: L2 coefficient on kernels and batch-norm scales.
-    switch_lr: switch learning rate (SGD with momentum).
+    switch_optimizer: ``'adam'`` (spec 3.2 default: the network's optimiser with 10x its lr;
+      per-switch step sizes, so switches of very different curvature move at one speed) or
+      ``'sgd'`` (with momentum, as BayesNAS's search).
+    switch_lr: switch learning rate.
     switch_momentum: momentum of the switch SGD.
-    penalty_mode: ``'proximal'`` (soft-threshold after the switch step, exact zeros; the step is
-      the momentum-effective ``switch_lr / (1 - switch_momentum)``) or ``'subgradient'``.
+    penalty_mode: ``'subgradient'`` (the penalty's gradient goes through the switch optimiser)
+      or ``'proximal'`` (SGD only: soft-threshold after the switch step, exact zeros; the step is
+      the momentum-effective ``switch_lr / (1 - switch_momentum)``).
     train_bn: batch norm with batch statistics in training (pretraining); False freezes it.
     dropout: dropout on in training (pretraining).
   """
   lr: float = 1e-3
   weight_decay: float = 0.0
+  switch_optimizer: str = "adam"
   switch_lr: float = 1e-2
   switch_momentum: float = 0.9
-  penalty_mode: str = "proximal"
+  penalty_mode: str = "subgradient"
   train_bn: bool = True
   dropout: bool = True
 
@@ -175,9 +181,13 @@ def weight_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
 
 
 def switch_optimizer(cfg: StepConfig) -> optax.GradientTransformationExtraArgs:
-  """SGD with momentum on the switches; updates of dead groups zeroed (`bayes.mask_updates`)."""
-  return optax.chain(optax.sgd(cfg.switch_lr, momentum=cfg.switch_momentum),
-                     bayes.mask_updates())
+  """Adam or SGD with momentum on the switches; updates of dead groups zeroed last
+  (`bayes.mask_updates`)."""
+  if cfg.switch_optimizer == "adam":
+    base = optax.adam(cfg.switch_lr)
+  else:
+    base = optax.sgd(cfg.switch_lr, momentum=cfg.switch_momentum)
+  return optax.chain(base, bayes.mask_updates())
 
 
 def init_state(variables: Mapping[str, Any], switches: Mapping[str, Array] | None,
@@ -201,8 +211,9 @@ def _ce(logits, labels):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+@functools.lru_cache(maxsize=32)
 def make_step_fns(arch: networks.Arch, cfg: StepConfig):
-  """``(train_step, eval_step)`` for `arch`, jitted.
+  """``(train_step, eval_step)`` for `arch`, jitted (cached per `arch` and `cfg`).
 
   ``train_step(state, images u8[B,H,W,C], labels i32[B], key, mean, std, omega, alive, lam,
   augment) -> (state, metrics)``: one step on ``E_D + penalty`` (the penalty and switch update
@@ -214,6 +225,12 @@ def make_step_fns(arch: networks.Arch, cfg: StepConfig):
   """
   if cfg.penalty_mode not in PENALTY_MODES:
     raise ValueError(f"penalty_mode must be one of {PENALTY_MODES}, got {cfg.penalty_mode!r}")
+  if cfg.switch_optimizer not in SWITCH_OPTIMIZERS:
+    raise ValueError(f"switch_optimizer must be one of {SWITCH_OPTIMIZERS}, got "
+                     f"{cfg.switch_optimizer!r}")
+  if cfg.penalty_mode == "proximal" and cfg.switch_optimizer != "sgd":
+    raise ValueError("penalty_mode='proximal' needs switch_optimizer='sgd' (the soft-threshold "
+                     "step of Adam's per-switch steps is not defined); use 'subgradient'")
   model = networks.CompressNet(arch)
   tx_w, tx_s = weight_optimizer(cfg), switch_optimizer(cfg)
   prox_step = cfg.switch_lr / (1.0 - cfg.switch_momentum)
@@ -294,6 +311,7 @@ def curvature_apply_fn(arch: networks.Arch):
   return apply_fn
 
 
+@functools.lru_cache(maxsize=8)
 def make_curvature_fn(arch: networks.Arch, kind: str = "ggn_fast"):
   """Jitted ``(switches, variables, batch, key) -> h`` (`bnas_jax.curvature.make_curvature_fn`)."""
   return curvature_lib.make_curvature_fn(kind, curvature_apply_fn(arch))
