@@ -10,9 +10,8 @@ Usage:
   python bench/bench_op_groups.py                 # darts, 5 cells, C = 8, batch 32
   python bench/bench_op_groups.py --space bayesnas --steps 4
 
-Measured on this 2-core CPU (darts, 2026-11-30; medians): full 3.97 s, skip only 0.50 s, with pools
-0.83 s, separable convs 1.88 s, dilated convs 1.24 s. `torch_darts_reference.py` prints the same
-split for PyTorch (README, Results: Speed).
+`torch_darts_reference.py` prints the same split for PyTorch; figures and the commands that
+produced them are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PyTorch reference for the darts CPU supernet step (GitHub issue 3): the figure to beat.
+"""PyTorch reference for the darts CPU supernet step: the figure to beat.
 
 Builds, in plain PyTorch, the same supernet as ``bench_supernet.py --configs darts_cpu`` and
 ``bench_op_groups.py`` (DARTS search cells, 5 cells, C = 8, batch 32, stem 3C + BN, ops with
@@ -14,10 +14,7 @@ PyTorch is not a dependency of bnas_jax; install it in a separate environment to
   python bench/torch_darts_reference.py
   python bench/torch_darts_reference.py --threads 2 --steps 6 --groups all,sep
 
-Measured on this 2-core CPU with PyTorch 2.14 (2026-11-30, medians of 6-8 steps over several
-runs): full 2.8-3.1 s channels_last / 3.5-4.9 s NCHW; skip only 0.18-0.26 / 0.22-0.25 s; with
-pools 0.36-0.44 / 0.69-0.84 s; separable convs 0.88-1.28 / 1.24-1.65 s; dilated convs 1.20 /
-1.13-1.64 s.
+Figures (with the commands that produced them) are in docs/performance.md.
 """
 
 from __future__ import annotations

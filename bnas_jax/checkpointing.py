@@ -6,8 +6,8 @@ A checkpoint holds two items:
   rng key data), saved with `orbax.checkpoint.args.StandardSave` and restored onto the shardings of
   an abstract target (`jax.ShapeDtypeStruct` leaves, e.g. from `jax.eval_shape`), so a replicated
   state comes back replicated on the current mesh;
-* ``meta``: a JSON dict (the data position: phase / iteration / epoch / step, the global step, the
-  history of the run), saved with `orbax.checkpoint.args.JsonSave`.
+* ``meta``: a JSON dict (the runners store their `run_lib.RunRecord` there: the position in the
+  run and its history), saved with `orbax.checkpoint.args.JsonSave`.
 
 Orbax writes every checkpoint into a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact (atomic); `max_to_keep` keeps the last N. Checkpoints
@@ -117,10 +117,9 @@ class Checkpointer:
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise errors.ConfigError(
           f"checkpoint #{index} in {self.directory} does not match the state of this config and "
-          "bnas_jax version (another space or model size, or a checkpoint written before a "
-          "parameter layout change: the supernet's per-edge parameters and the ops' single "
-          "parameter copy without a group axis, both 2026-11-30); resume it with the version "
-          f"that wrote it or start a new --workdir ({type(e).__name__}: {first})") from e
+          "bnas_jax version (another space or model size, or a checkpoint of an older parameter "
+          "layout); resume it with the version that wrote it or start a new --workdir "
+          f"({type(e).__name__}: {first})") from e
     try:
       restored = self._manager.restore(index, args=ocp.args.Composite(
           **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))

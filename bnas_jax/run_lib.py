@@ -2,18 +2,15 @@
 log and config, stop signals, debug hooks, checkpoints with one run record, and one
 `NonFiniteError`.
 
-A runner's ``run(config, workdir)`` reads::
+A runner's ``run(config, workdir)`` is
+``run_lib.execute(config, workdir, RESUME_SAFE_FIELDS, body, checks=(check_config, check_inputs))``:
+the checks name bad input before the workdir exists, then `open_workdir` and a `Run` (writer,
+checkpoints, stop signal, debug hooks) are handed to ``body(config, run)``, which reads::
 
-  check_config(config); check_inputs(config)            # named errors before the workdir exists
-  with run_lib.open_workdir(config, workdir, RESUME_SAFE_FIELDS) as workdir:
-    run = run_lib.Run(config, workdir)                   # writer, checkpoints, stop signal, debug
-    try:
-      restored = run.restore(abstract_state)             # None, or (state, RunRecord)
-      ...
-      state, pos, ended = run.train_stage(carry, pos, batches, ...)   # the step loop of a stage
-      run.save(state, record)
-    finally:
-      run.close()
+  restored = run.restore(abstract_state)                        # None, or (state, RunRecord)
+  ...
+  state, pos, ended = run.train_stage(carry, pos, batches, ...)  # the step loop of a stage
+  run.save(state, run_lib.RunRecord(pos, history))
 
 Config fields every runner has (`add_common_fields`), each with one meaning:
 
@@ -113,6 +110,29 @@ def open_workdir(config: ml_collections.ConfigDict, workdir: str,
     if is_main:
       config_files.write_config(config, workdir, resume_safe)
     yield workdir
+
+
+def execute(config: ml_collections.ConfigDict, workdir: str, resume_safe: Sequence[str],
+            body: Callable[[ml_collections.ConfigDict, "Run"], Any],
+            checks: Sequence[Callable[[ml_collections.ConfigDict], None]] = ()) -> Any:
+  """A runner's ``run(config, workdir)``: `checks` (each raises on bad input, before anything is
+  created), then `open_workdir`, a `Run` on it, ``body(config, run)``, and the run closed however
+  the body ends.
+
+  Returns:
+    what `body` returns.
+
+  Raises:
+    whatever `checks` and `body` raise (the run is closed first).
+  """
+  for check in checks:
+    check(config)
+  with open_workdir(config, workdir, resume_safe) as workdir:
+    run = Run(config, workdir)
+    try:
+      return body(config, run)
+    finally:
+      run.close()
 
 
 @dataclasses.dataclass(frozen=True)

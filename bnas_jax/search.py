@@ -149,22 +149,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> SearchResult:
       (`check_inputs`), also before `workdir` is created; a checkpoint of an older format or
       another layout (`errors.ConfigError`, one line naming the fix).
   """
-  check_config(config)
-  check_inputs(config)
-  with run_lib.open_workdir(config, workdir, RESUME_SAFE_FIELDS) as workdir:
-    if jax.process_index() == 0:
-      _write_seeds(config, workdir)
-    logging.info("search space %s, %d devices (%s), workdir %s", config.space, jax.device_count(),
-                 jax.default_backend(), workdir)
-    run_ = run_lib.Run(config, workdir)
-    searcher = None
-    try:
-      searcher = _Search(config, run_)
-      return searcher.run()
-    finally:
-      if searcher is not None:
-        searcher.close()
-      run_.close()
+  return run_lib.execute(config, workdir, RESUME_SAFE_FIELDS, _search,
+                         checks=(check_config, check_inputs))
+
+
+def _search(config: ml_collections.ConfigDict, run_: run_lib.Run) -> SearchResult:
+  if run_.is_main:
+    _write_seeds(config, run_.workdir)
+  logging.info("search space %s, %d devices (%s), workdir %s", config.space, jax.device_count(),
+               jax.default_backend(), run_.workdir)
+  searcher = _Search(config, run_)
+  try:
+    return searcher.run()
+  finally:
+    searcher.close()
 
 
 class _Search:

@@ -335,14 +335,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError / dataset.DatasetError: bad config values or missing data (named, before
       `workdir` is created).
   """
-  check_config(config)
-  check_inputs(config)
-  with run_lib.open_workdir(config, workdir, RESUME_SAFE_FIELDS) as workdir:
-    run_ = run_lib.Run(config, workdir)
-    try:
-      return _train(config, run_)
-    finally:
-      run_.close()
+  return run_lib.execute(config, workdir, RESUME_SAFE_FIELDS, _train,
+                         checks=(check_config, check_inputs))
 
 
 def _train(config: ml_collections.ConfigDict, run_: run_lib.Run) -> dict[str, Any]:

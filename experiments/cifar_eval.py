@@ -20,7 +20,7 @@ Variants (``:name``):
 
 * ``cpu``: a small network (5 cells, C = 8, no aux head, no cutout / drop path) trained for 3
   epochs on the first 5,000 training images with batch 50 and lr 0.05, evaluated on the full
-  10,000-image test set after every epoch; minutes per epoch on an idle 2-core CPU.
+  10,000-image test set after every epoch (a CPU run).
 * ``tiny``: 2 cells, C = 4, 2 epochs of 4 steps on 64 images of the lossless CIFAR-10 subset
   (``--config.data.data_dir ~/.cache/bnas_jax/cifar10-lossless-subset``), evaluated on its 1,000
   test images: mostly compilation, then seconds of training (smoke tests; then

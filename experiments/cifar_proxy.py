@@ -31,10 +31,9 @@ Deviations from the original code (documented on purpose):
 Variants (``:name``):
 
 * ``cpu``: a small supernet (C = 8, 5 cells) on a data subset (500 warm-up / 2,000 search / 500
-  val images), T = 2, for a 2-core CPU. Most of its wall time is XLA compilation (about 2-5 min per
-  step function on a loaded 2-core machine: warm-up step, search step, curvature and eval, the last
-  three again after pruning); the persistent compilation cache (on by default on CPU, see
-  ``bnas_jax.xla_flags``) removes it from a resumed run or a rerun.
+  val images), T = 2, for a CPU. Most of its wall time is XLA compilation (warm-up step, search
+  step, curvature and eval, the last three again after pruning); the persistent compilation cache
+  (on by default on CPU, see ``bnas_jax.xla_flags``) removes it from a resumed run or a rerun.
 """
 
 from bnas_jax import search

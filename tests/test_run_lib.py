@@ -166,3 +166,28 @@ def test_replicate_and_abstract_state_and_json_values():
                     default=run_lib.to_json_value) == '{"a": 0.5, "b": [0, 1]}'
   with pytest.raises(TypeError):
     run_lib.to_json_value(object())
+
+
+def test_execute_checks_before_the_workdir_and_closes_the_run_when_the_body_raises(tmp_path):
+  handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+  never = str(tmp_path / "never")
+
+  def bad(config):
+    raise errors.ConfigError(f"config.width={config.width} is bad")
+
+  with pytest.raises(errors.ConfigError, match="config.width=3 is bad"):
+    run_lib.execute(_config(), never, run_lib.COMMON_RESUME_SAFE_FIELDS, lambda c, r: None,
+                    checks=(bad,))
+  assert not os.path.exists(never)
+
+  def body(config, run):
+    assert run.workdir == str(tmp_path / "run") and config.width == 3
+    assert signal.getsignal(signal.SIGTERM) != handlers[1]  # the run's stop handler
+    raise RuntimeError("body failed")
+
+  with pytest.raises(RuntimeError, match="body failed"):
+    run_lib.execute(_config(), str(tmp_path / "run"), run_lib.COMMON_RESUME_SAFE_FIELDS, body)
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+  assert os.path.exists(tmp_path / "run" / "config.json")
+  assert run_lib.execute(_config(), str(tmp_path / "run"), run_lib.COMMON_RESUME_SAFE_FIELDS,
+                         lambda c, r: r.is_main) is True

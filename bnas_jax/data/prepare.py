@@ -84,7 +84,7 @@ def _is_complete_cifar10_bin(folder: str) -> bool:
 def build_cifar10_from_shared(parent_dir: str | None = None, shared_dir: str | None = None) -> str:
   """Builds ``<parent_dir>/cifar-10-batches-bin`` from the JPEG-derived CIFAR-10 in shared/.
 
-  Runs ``shared/data/cifar10-jpeg-q75-derived/make_cifar10_bin.py`` (numpy + Pillow, ~11 s) into
+  Runs ``shared/data/cifar10-jpeg-q75-derived/make_cifar10_bin.py`` (numpy + Pillow) into
   a temporary folder and renames it into place, under an exclusive file lock, so concurrent
   callers (pytest-xdist workers) build it once. A complete existing folder is reused.
 
