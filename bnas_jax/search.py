@@ -360,7 +360,7 @@ class _Search:
       # Pruned: the next epoch runs new programs; compile them while this thread evaluates.
       self.compile_ahead(state, view.alive, train=True, curvature_t=t + 1)
     seconds = time.perf_counter() - t0
-    ev = self.evaluate(state, fns)
+    ev = self.evaluate(state, self.fns(view.alive))  # the supernet of the new mask
     summ = {k: float(v) for k, v in jax.device_get(bayes.summaries(view.prior)).items()}
     calib = {k: float(v) for k, v in jax.device_get(bayes.calibration(gamma_prev,
                                                                         view.prior)).items()}
