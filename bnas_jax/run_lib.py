@@ -289,10 +289,14 @@ class Run:
     latest = self.checkpoints.latest_index()
     if latest is None:
       return None
-    where = f"checkpoint #{latest} in {self.checkpoints.directory}"
-    RunRecord.from_json(self.checkpoints.restore_meta(latest) or {}, where)  # format check first
+    try:  # the format first: an older checkpoint is refused before any array is read
+      meta = self.checkpoints.restore_meta(latest)
+    except Exception:  # pylint: disable=broad-except  (unreadable: restore_newest skips it)
+      meta = None
+    if meta is not None:
+      RunRecord.from_json(meta, f"checkpoint #{latest} in {self.checkpoints.directory}")
     index, state, meta = self.checkpoints.restore_newest(abstract_state)
-    self.record = RunRecord.from_json(meta, where)
+    self.record = RunRecord.from_json(meta, f"checkpoint #{index} in {self.checkpoints.directory}")
     self._save_index = latest  # new checkpoints go above every one on disk, damaged ones too
     self._last_good = (index, self.record.position.global_step)
     logging.info("resumed checkpoint #%d of %s at %s", index, self.workdir, self.record.position)

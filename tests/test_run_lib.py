@@ -191,3 +191,23 @@ def test_execute_checks_before_the_workdir_and_closes_the_run_when_the_body_rais
   assert os.path.exists(tmp_path / "run" / "config.json")
   assert run_lib.execute(_config(), str(tmp_path / "run"), run_lib.COMMON_RESUME_SAFE_FIELDS,
                          lambda c, r: r.is_main) is True
+
+
+def test_restore_skips_a_checkpoint_whose_record_cannot_be_read(tmp_path, caplog):
+  config = _config()
+  run = run_lib.Run(config, str(tmp_path))
+  for i in (1, 2):
+    run.save({"w": jnp.full((3,), float(i))}, run_lib.RunRecord(run_lib.Position(i, 0, i)))
+  run.close()
+  with open(tmp_path / "checkpoints" / "1" / "meta" / "metadata", "w") as f:
+    f.write("{not json")
+  run = run_lib.Run(config, str(tmp_path))
+  try:
+    with caplog.at_level("WARNING"):
+      state, record = run.restore(jax.eval_shape(lambda: {"w": jnp.zeros((3,))}))
+  finally:
+    run.close()
+  assert record.position == run_lib.Position(1, 0, 1)
+  np.testing.assert_array_equal(state["w"], np.ones(3))
+  assert any("checkpoint #1" in r.getMessage() and "skipped" in r.getMessage()
+             for r in caplog.records)
