@@ -59,6 +59,7 @@ def get_config(arg=None):
   c.compress.curvature_batches = 2
   c.compress.curvature_batch_size = 25
   c.compress.lam = 1.0
+  c.compress.switch_lr = 0.1  # 12 switch steps in all: large enough for some to reach eps_s
   c.finetune.epochs = 1
   c.progress_bar = False
   c.log_every_steps = 2
