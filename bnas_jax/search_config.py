@@ -162,9 +162,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f"config.model.{e}") from None
   if not isinstance(config.model.get("remat", True), bool):
     raise errors.ConfigError(f"config.model.remat={config.model.remat!r}; use True or False")
-  if config.checkpoint.every_steps < 1:
-    raise errors.ConfigError(
-        f"config.checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
   run_lib.check_common_fields(config)
   b = config.bayes
   if b.prune_mode not in bayes.PRUNE_MODES:
