@@ -66,7 +66,8 @@ def test_tiny_run_prunes_and_exports_consistent_counts(reference):
   assert os.path.exists(os.path.join(workdir, "pretrained", export.STRUCTURE_JSON))
 
 
-@pytest.mark.parametrize("stop_after", [14, 22])  # mid compress iteration 2; mid fine-tuning
+# Mid pretraining (checkpoint at step 4), mid compress iteration 2, mid fine-tuning.
+@pytest.mark.parametrize("stop_after", [5, 14, 22])
 def test_resume_after_kill_gives_the_same_result(reference, tmp_path, stop_after):
   c, ref_dir = reference
   c = c.copy_and_resolve_references()

@@ -414,7 +414,10 @@ class _Runner:
       return ts_, []
 
     def save(carry, p):
-      run.save(self._with_train(state, carry[0]), run_lib.RunRecord(p, history))
+      ts_ = carry[0]
+      if kind != "compress" and full:  # the stored state keeps the layout of the full network
+        ts_ = ts_._replace(switches=state["train"].switches, opt_s=state["train"].opt_s)
+      run.save(self._with_train(state, ts_), run_lib.RunRecord(p, history))
 
     (ts, _), pos, ended = run.train_stage((ts, []), pos, batches(pos.step), step_fn, steps=steps,
                                           desc=f"{kind} {stage.index}", flush=flush, save=save)
