@@ -21,6 +21,7 @@ The plan of a run is a list of stages, each one epoch-sized chunk of work (compr
    * ``'l1_filter'`` (B2) and ``'random'`` (B3) prune at once from the pretrained network (L1 norm
      of each filter / neuron, ``baseline.ratio`` per layer; or uniformly at random with the per
      layer counts of ``baseline.kept``) and spend the compression budget fine-tuning instead.
+   ``'dense'`` stops after pretraining (the shared starting point of a benchmark).
 3. export (spec 2.4) to ``<workdir>/exported`` (``structure.json`` with the counts, the weights);
 4. ``finetune`` (``finetune.epochs`` epochs of the exported network, no penalty);
 5. the test error, once, and ``<workdir>/result.json`` with the fields of spec 4.7 (the kept
@@ -105,8 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.compress.curvature_batches = 20  # M
   c.compress.curvature_batch_size = 128
   # A prior update (no pruning) on the pretrained network before the first epoch, so that omega
-  # starts from its curvature; spec 3.2 starts at omega = 1, which with lambda in the range where
-  # the Laplace weights act (omega ~ sqrt(h / lambda) << 1) prunes every unit in the first epoch.
+  # starts from its curvature (about sqrt(h / lambda)) instead of spec 3.2's omega = 1, under which
+  # the first epoch is a plain group lasso at strength lambda (docs/compression.md).
   c.compress.initial_update = True
   c.finetune = ml_collections.ConfigDict()
   c.finetune.epochs = 3  # F
