@@ -51,6 +51,9 @@ def get_config(arg=None):
   config.search.eval_batch_size = 500
   config.bayes.prune_mode = "relative"
   config.bayes.prune_threshold = 0.1
+  # One op per edge in the exported cell (the surviving op with the largest gamma), as path-level
+  # cells have; the uncapped survivors go to genotype_survivors.json when they differ.
+  config.genotype.max_ops = 1
   config.checkpoint.every_steps = 500
 
   if arg in (None, ""):

@@ -620,7 +620,7 @@ def plot(cell: TreeCell, path_prefix: str, title: str | None = None) -> tuple[st
 
   def place(n: Optional[TreeNode], path: str, depth: int) -> float:
     if n is None:
-      x = float(counter[0])
+      x = 1.4 * counter[0]  # leaves 1.4 units apart: the labels of a 3-branch node stay apart
       counter[0] += 1
     else:
       xs = [place(b.child, f"{path}{i + 1}", depth + 1) for i, b in enumerate(n.branches)]
@@ -630,7 +630,7 @@ def plot(cell: TreeCell, path_prefix: str, title: str | None = None) -> tuple[st
 
   place(cell.root, "R", 0)
   n_leaves = counter[0]
-  fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * n_leaves + 1.0), 1.6 * (cell.depth + 1) + 1.2))
+  fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * n_leaves + 1.0), 1.6 * (cell.depth + 1) + 1.2))
   for path, parent, b, _ in cell.edges():
     (x0, y0), (x1, y1) = pos[path[:-1]], pos[path]
     color = "tab:red" if b.ops == (ROOT_OP,) else "tab:blue"
@@ -654,7 +654,7 @@ def plot(cell: TreeCell, path_prefix: str, title: str | None = None) -> tuple[st
   x_r, y_r = pos["R"]
   ax.text(x_r, y_r + 0.9, "cell input (C channels) -> root; root merge = cell output",
           ha="center", va="center", fontsize=8)
-  ax.set_xlim(-1.0, max(n_leaves, 1))
+  ax.set_xlim(-1.0, 1.4 * max(n_leaves - 1, 1) + 1.0)
   ax.set_ylim(-1.6 * cell.depth - 0.8, 1.4)
   ax.axis("off")
   ax.set_title(title or f"tree cell: {cell}", fontsize=9)
