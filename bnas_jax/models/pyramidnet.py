@@ -31,7 +31,7 @@ TreeCell-A with N = 18, alpha = 84, G = 2 has 5,724,330 parameters (tests/test_p
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
