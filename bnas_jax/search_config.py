@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
   # sum-over-batch units.
   c.bayes.curvature_scale = 1.0
   c.bayes.prune_threshold = 1e-3
-  c.bayes.prune_mode = "relative"  # 'absolute' | 'relative' (to the largest live gamma of the same
+  c.bayes.prune_mode = "relative"  # 'absolute' | 'relative' (to the median live gamma of the same
   # switch kind, origin or op, per cell type)
   c.bayes.random_init = False  # True: U(0, 1) gamma/omega as the original (spec 4.2)
   c.bayes.gamma_init = 1.0

@@ -59,6 +59,9 @@ def test_proxy_config_is_the_official_protocol():
   assert dict(config.data.splits) == {"warmup": 5_000, "search": 40_000, "val": 5_000}
   assert config.bayes.lambda_origin == config.bayes.lambda_op == 0.01
   assert search_config.curvature_scale(config) == 1.0
+  # Pruning, not a cap, defines the exported cell.
+  assert config.genotype.max_ops == 0 and config.bayes.prune_mode == "relative"
+  assert load_experiment("cifar_proxy").get_config("cpu").search.iterations == 3
 
 
 def test_misspelt_override_fails_naming_the_field(tmp_path):
