@@ -1,43 +1,5 @@
-"""The HARD prior: reweighted group-ARD state, its update, the penalty and pruning.
-
-Pure, jit-able functions in the optax style (an ``init``/``update`` pair over a NamedTuple
-state). No I/O and no config reads: hyper-parameters come in as plain arguments.
-
-Notation (spec sections 3.3, 4). Per cell type ``tau`` the switches are ``s = switches[tau]``,
-``f32[n, E, K]`` with ``K = 1 + n_ops`` and index 0 = the edge's origin switch. The copies of one
-(edge, switch) across the ``n`` cells of the type form one group ``g = (tau, e, k)`` with group
-vector ``S_g = s[:, e, k]``. ``lambda_k`` is ``lambda_origin`` for ``k = 0``, else ``lambda_op``.
-
-One outer iteration of BayesNAS (spec 4.4, 11):
-
-1. train weights and switches for an epoch on ``data_loss + penalty(switches, state, ...)``
-   (reweighted group-l1, spec 4.1), or with `prox_group_l1` steps instead of its gradient;
-2. compute the diagonal curvature ``h`` of the data loss w.r.t. the switches
-   (``bnas_jax.curvature``);
-3. ``state = update(state, switches, h, ...)`` (spec 4.2 in the stable forms of spec 10); this
-   also prunes groups whose prior variance ``gamma`` fell below a threshold;
-4. ``switches = apply_mask(switches, state.alive)`` so that pruned switches are exactly zero, and
-   keep them there with `mask_updates` in the switch optimizer.
-
-Stable forms used by `update` (spec 4.3, 10), for ``H = h / lambda_k`` (``h`` clamped at 0) and
-the previous per-cell prior variance ``gamma >= 0``:
-
-* posterior variance ``C = (1/gamma + H)^-1 = gamma / (1 + gamma H)`` (exactly 0 at
-  ``gamma = 0``, no division by ``gamma``);
-* tangent weight ``omega_g^2 = sum_c (1/gamma_c - C_c/gamma_c^2) = sum_c H_c/(1 + gamma_c H_c)``
-  (no cancellation as ``gamma -> 0``; never negative), then ``omega_g = max(sqrt(.), eps_omega)``;
-* ``gamma_raw = ||S_g||_2 / omega_g``;
-* hierarchy (origin first, then ops): ``gamma_op = (1/gamma_raw + 1/gamma_origin)^-1`` evaluated
-  as ``min / (1 + min/max)`` of the pair, which is exact, needs no eps and gives 0 for (0, 0),
-  ``x`` for (x, inf) and inf for (inf, inf) instead of NaN.
-
-Fidelity note (spec 4.2 step 3, 9.4): the original code evaluates ``1/gamma* - C_c/gamma*^2``
-with ``gamma*`` = the gamma of the *last* cell of the type for every cell ``c`` (a leftover loop
-variable) and takes ``abs`` before the square root. This is a bug: the ARD tangent slope of cell
-``c`` needs its own ``gamma_c``. It only matters when the per-cell gammas differ, i.e. at the first
-update after the original's random ``U(0, 1)`` initialisation (afterwards gamma is broadcast over
-the group). `update` uses the per-cell form; ``fidelity=True`` reproduces the quirk.
-"""
+"""The HARD prior state and its update (spec 4.2, 4.3, 10), the optax-style `hard_prior` factory and
+the connectivity rule of pruning. See the package docstring for the notation and stable forms."""
 
 from __future__ import annotations
 
@@ -47,7 +9,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Array = jax.Array
 Switches = Mapping[str, Array]  # {tau: f32[n, E, K]}
@@ -381,6 +342,24 @@ def hard_prior(*, lambda_origin: float, lambda_op: float, prune_threshold: float
   return HardPrior(init_fn, update_fn)
 
 
+def apply_mask(switches: Switches, alive: GroupTree) -> dict[str, Array]:
+  """Sets the switches of dead groups to exactly 0.
+
+  Works for any switch-shaped tree (switches, gradients, momentum buffers).
+
+  Args:
+    switches: ``{tau: f32[n, E, K]}``.
+    alive: ``{tau: bool[E, K]}`` group mask.
+
+  Returns:
+    ``{tau: f32[n, E, K]}`` with ``out[tau][:, e, k] == 0`` wherever ``not alive[tau][e, k]``.
+  """
+  _check_switches(switches)
+  _check_like(alive, switches, "alive", group_level=True)
+  return {tau: jnp.where(jnp.asarray(alive[tau], bool)[None], s, jnp.zeros_like(s))
+          for tau, s in switches.items()}
+
+
 def connected_edges(topology: Any, edge_alive: Array) -> Array:
   """Live edges that can carry signal from the cell inputs to the cell output (spec 3.1).
 
@@ -414,234 +393,3 @@ def connected_edges(topology: Any, edge_alive: Array) -> Array:
       reach = reach | (into_reach.astype(jnp.float32) @ src > 0)
     live = live & (tgt @ reach.astype(jnp.float32) > 0)
   return live
-
-
-# ------------------------------------------------------------------------------------------------
-# Penalty, proximal step and masking.
-
-
-def _omega_alive(state_or_omega, alive) -> tuple[GroupTree, GroupTree | None]:
-  if isinstance(state_or_omega, HardPriorState):
-    return state_or_omega.omega, state_or_omega.alive if alive is None else alive
-  return state_or_omega, alive
-
-
-def penalty(switches: Switches, state_or_omega: HardPriorState | GroupTree,
-            lambda_origin: float, lambda_op: float, *, alive: GroupTree | None = None,
-            eps: float = EPS_NORM) -> Array:
-  """Reweighted group-l1 penalty ``sum_g lambda_k omega_g ||S_g||_2`` (spec 4.1).
-
-  The norm is smoothed as ``sqrt(sum_c s_c^2 + eps) - sqrt(eps)``: the value is exactly 0 at
-  ``S_g = 0`` and differs from ``||S_g||`` by less than ``sqrt(eps)``; the gradient
-  ``lambda omega S / sqrt(||S||^2 + eps)`` stays finite (0) at ``S_g = 0`` and has magnitude < 1 per
-  unit weight (the exact group-lasso gradient ``S/||S||`` is singular there, spec 10). omega is held
-  fixed (``stop_gradient``); dead groups contribute nothing and get zero gradient.
-
-  Args:
-    switches: ``{tau: f32[n, E, K]}``.
-    state_or_omega: a `HardPriorState` (its ``omega`` and ``alive`` are used) or an omega tree
-      ``{tau: f32[E, K]}`` (then all groups count unless `alive` is given).
-    lambda_origin: strength for origin switches (k = 0).
-    lambda_op: strength for op switches (k >= 1).
-    alive: optional group mask ``{tau: bool[E, K]}``; overrides the state's.
-    eps: smoothing under the square root (> 0); default `EPS_NORM` = 1e-12 (sqrt = 1e-6).
-
-  Returns:
-    f32[] the penalty, to be added to the mean data loss.
-
-  Raises:
-    ValueError: mismatched cell types or shapes, non-positive eps.
-  """
-  _check_switches(switches)
-  _check_positive(eps, "eps")
-  omega, alive = _omega_alive(state_or_omega, alive)
-  _check_like(omega, switches, "omega", group_level=True)
-  if alive is not None:
-    _check_like(alive, switches, "alive", group_level=True)
-  total = 0.0
-  for tau in sorted(switches):
-    s = jnp.asarray(switches[tau])
-    dtype = _float_dtype(s)
-    w = jax.lax.stop_gradient(jnp.asarray(omega[tau], dtype))
-    lam = _lambda_vector(s.shape[-1], lambda_origin, lambda_op, dtype)
-    norm = jnp.sqrt(jnp.sum(s * s, axis=0) + eps) - jnp.sqrt(jnp.asarray(eps, dtype))
-    term = lam * w * norm
-    if alive is not None:
-      term = jnp.where(jnp.asarray(alive[tau], bool), term, 0.0)
-    total = total + jnp.sum(term)
-  return jnp.asarray(total)
-
-
-def prox_group_l1(switches: Switches, state_or_omega: HardPriorState | GroupTree,
-                  lambda_origin: float, lambda_op: float, step_size: float, *,
-                  alive: GroupTree | None = None) -> dict[str, Array]:
-  """Proximal operator of ``step_size * penalty``: the group soft-threshold.
-
-  ``S_g <- max(0, 1 - step_size lambda_k omega_g / ||S_g||_2) S_g``; groups with ``||S_g|| = 0`` or
-  dead groups become exactly 0. Use it after a gradient step on the data loss alone
-  (``penalty_mode='proximal'``), with ``step_size`` = that step's learning rate; this is exact
-  proximal gradient for plain SGD and the usual heuristic with momentum.
-
-  Args:
-    switches: ``{tau: f32[n, E, K]}``.
-    state_or_omega: a `HardPriorState` or an omega tree ``{tau: f32[E, K]}`` (as in `penalty`).
-    lambda_origin: strength for origin switches.
-    lambda_op: strength for op switches.
-    step_size: the step size (>= 0).
-    alive: optional group mask overriding the state's.
-
-  Returns:
-    ``{tau: f32[n, E, K]}`` the shrunk switches.
-  """
-  _check_switches(switches)
-  omega, alive = _omega_alive(state_or_omega, alive)
-  _check_like(omega, switches, "omega", group_level=True)
-  if alive is not None:
-    _check_like(alive, switches, "alive", group_level=True)
-  out = {}
-  for tau in sorted(switches):
-    s = jnp.asarray(switches[tau])
-    dtype = _float_dtype(s)
-    lam = _lambda_vector(s.shape[-1], lambda_origin, lambda_op, dtype)
-    thr = step_size * lam * jnp.asarray(omega[tau], dtype)  # [E, K]
-    norm = jnp.sqrt(jnp.sum(s * s, axis=0))
-    scale = jnp.where(norm > thr, 1.0 - thr / jnp.where(norm > 0, norm, 1.0), 0.0)
-    if alive is not None:
-      scale = jnp.where(jnp.asarray(alive[tau], bool), scale, 0.0)
-    out[tau] = (s * scale[None]).astype(dtype)
-  return out
-
-
-def apply_mask(switches: Switches, alive: GroupTree) -> dict[str, Array]:
-  """Sets the switches of dead groups to exactly 0.
-
-  Works for any switch-shaped tree (switches, gradients, momentum buffers).
-
-  Args:
-    switches: ``{tau: f32[n, E, K]}``.
-    alive: ``{tau: bool[E, K]}`` group mask.
-
-  Returns:
-    ``{tau: f32[n, E, K]}`` with ``out[tau][:, e, k] == 0`` wherever ``not alive[tau][e, k]``.
-  """
-  _check_switches(switches)
-  _check_like(alive, switches, "alive", group_level=True)
-  return {tau: jnp.where(jnp.asarray(alive[tau], bool)[None], s, jnp.zeros_like(s))
-          for tau, s in switches.items()}
-
-
-def mask_updates(alive: GroupTree | None = None) -> optax.GradientTransformationExtraArgs:
-  """optax transformation zeroing the updates of dead switch groups.
-
-  Put it last in the switch optimizer so that pruned switches, once set to 0 by `apply_mask`, stay
-  exactly 0 whatever the earlier transformations (momentum buffers, weight decay) hold::
-
-    tx = optax.chain(optax.sgd(lr, momentum=0.9), bayes.mask_updates())
-    updates, opt_state = tx.update(grads, opt_state, switches, alive=state.alive)
-
-  Args:
-    alive: a fixed group mask ``{tau: bool[E, K]}``. If None, the mask must be passed at every call
-      as the extra argument ``alive=`` (a dynamic array: no recompilation when it shrinks).
-
-  Returns:
-    A stateless `optax.GradientTransformationExtraArgs`.
-  """
-  fixed = alive
-
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, *, alive=None, **extra_args):
-    del params, extra_args
-    mask = fixed if alive is None else alive
-    if mask is None:
-      raise ValueError("mask_updates() built without a mask needs alive= at update time: "
-                       "tx.update(grads, opt_state, switches, alive=state.alive)")
-    return apply_mask(updates, mask), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ------------------------------------------------------------------------------------------------
-# Read-outs.
-
-
-def group_gamma(state: HardPriorState) -> dict[str, Array]:
-  """Group prior variance ``{tau: f32[E, K]}`` (mean over cells; all cells agree after an update).
-
-  Suitable as ``scores`` for ``bnas_jax.genotype.derive``.
-  """
-  return {tau: jnp.mean(g, axis=0) for tau, g in state.gamma.items()}
-
-
-def _masked_stats(x: Array, mask: Array) -> tuple[Array, Array, Array]:
-  x = jnp.where(mask, x, jnp.nan)
-  any_live = jnp.any(mask)
-  return tuple(jnp.where(any_live, f(x), 0.0) for f in (jnp.nanmin, jnp.nanmedian, jnp.nanmax))
-
-
-def calibration(gamma_prev: Mapping[str, Array], state: HardPriorState) -> dict[str, Array]:
-  """Where the Laplace step of the last `update` sat, per cell type and switch kind (spec 6.4).
-
-  ``x = gamma_prev * H`` compares the scaled curvature ``H = h / lambda`` with the prior precision
-  ``1 / gamma`` of the same switch. For ``x << 1``, ``omega^2 = sum_c H_c / (1 + x_c)`` tends to
-  ``sum_c H_c`` and the curvature decides; for ``x >> 1`` it tends to ``sum_c 1 / gamma_c`` and
-  gamma follows the switch size alone (``||S_g|| / sqrt(n)`` at a fixed point).
-
-  Args:
-    gamma_prev: ``{tau: f32[n, E, K]}`` the prior variances the update started from (the
-      previous state's ``gamma``).
-    state: the state `update` returned (its ``curvature`` is H).
-
-  Returns:
-    ``'{tau}/{origin|op}/gammaH_{q10|q50|q90}'``, ``'.../H_median'`` and ``'.../inv_gamma_median'``
-    over the switches whose gamma_prev was > 0 (0 where there are none).
-  """
-  out = {}
-  for tau in sorted(state.curvature):
-    g, h = jnp.asarray(gamma_prev[tau]), jnp.asarray(state.curvature[tau])
-    for kind, sl in (("origin", slice(0, 1)), ("op", slice(1, None))):
-      gk, hk = g[..., sl], h[..., sl]
-      if gk.shape[-1] == 0:  # K = 1: no op switches
-        continue
-      live = gk > 0
-      x = jnp.where(live, gk * hk, jnp.nan)
-      inv = jnp.where(live, 1.0 / jnp.where(live, gk, 1.0), jnp.nan)
-      stats = {f"gammaH_q{int(q * 100)}": jnp.nanquantile(x, q) for q in (0.1, 0.5, 0.9)}
-      stats["H_median"] = jnp.nanmedian(jnp.where(live, hk, jnp.nan))
-      stats["inv_gamma_median"] = jnp.nanmedian(inv)
-      any_live = jnp.any(live)
-      for name, v in stats.items():
-        out[f"{tau}/{kind}/{name}"] = jnp.where(any_live, v, 0.0)
-  return out
-
-
-def summaries(state: HardPriorState) -> dict[str, Array]:
-  """Scalars for logging: ``'{tau}/{field}_{min|median|max}'`` and live counts.
-
-  Statistics run over live groups only (0 when none is alive); ``field`` is gamma, omega, C
-  (posterior variance) and H (scaled curvature). Counts: ``'{tau}/live_groups'``,
-  ``'{tau}/live_switches'`` (groups x cells), ``'{tau}/live_edges'`` (live origin) and
-  ``'{tau}/live_ops'`` (live op groups), plus ``'live_groups'`` summed over types and ``'count'``.
-  """
-  out = {"count": state.count}
-  total = jnp.zeros((), jnp.int32)
-  for tau in sorted(state.alive):
-    alive = jnp.asarray(state.alive[tau], bool)
-    n = state.gamma[tau].shape[0]
-    cell_mask = jnp.broadcast_to(alive[None], state.gamma[tau].shape)
-    fields = {"gamma": (state.gamma[tau], cell_mask), "omega": (state.omega[tau], alive),
-              "C": (state.posterior_variance[tau], cell_mask),
-              "H": (state.curvature[tau], cell_mask)}
-    for name, (x, m) in fields.items():
-      for stat, v in zip(("min", "median", "max"), _masked_stats(x, m)):
-        out[f"{tau}/{name}_{stat}"] = v
-    groups = jnp.sum(alive, dtype=jnp.int32)
-    out[f"{tau}/live_groups"] = groups
-    out[f"{tau}/live_switches"] = groups * n
-    out[f"{tau}/live_edges"] = jnp.sum(alive[:, 0], dtype=jnp.int32)
-    out[f"{tau}/live_ops"] = jnp.sum(alive[:, 1:], dtype=jnp.int32)
-    total = total + groups
-  out["live_groups"] = total
-  return out
