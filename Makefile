@@ -49,7 +49,7 @@ train: check-exp ## Train/evaluate a network: make train EXP=<name> [VARIANT=..]
 	$(PYTHON) -m bnas_jax.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
 
 nb201-seeds: ## NAS-Bench-201 quality over seeds: make nb201-seeds [SEEDS=0,1,2,3,4] [KINDS=ggn_fast,recursive].
-	$(PYTHON) bench/nb201_seeds.py --seeds $(SEEDS) --kinds $(KINDS) $(ARGS)
+	$(PYTHON) bench/nb201_seeds.py --seeds $(SEEDS) --kinds $(KINDS) $(if $(ARGS),-- $(ARGS))
 
 bench: ## Run the speed benchmarks bench/bench_*.py (print throughput figures).
 	@set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PYTHON) $$f; done

@@ -56,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (jax.checkpoint): a smaller activation buffer; same function and gradients, so it may change
   # when a run is resumed.
   c.model.remat = True
+  # The PyramidNet backbone of the tree spaces (experiments/proxyless_cifar10.py): additive
+  # widening alpha and the groups of its grouped convs. The cell spaces do not read them.
+  c.model.alpha = 48.0
+  c.model.groups = 2
 
   c.data = dataset_lib.get_config()  # name, source, data_dir, num_train, splits, seed, cutout
   c.data.seed = dataset_lib.follow(c, "seed")  # = c.seed unless overridden

@@ -79,6 +79,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Depthwise convs: 'auto' = 'shift_vjp' on CPU, 'lax' on GPU/TPU; every choice computes the
   # same function (bnas_jax.models.layers.depthwise_conv).
   c.model.dw_impl = "auto"
+  # 'cells': the DARTS-protocol network of a cell genotype; 'pyramidnet': the PyramidNet of a
+  # tree cell (experiments/proxyless_eval.py) with widening `alpha` and conv `groups`.
+  c.model.backbone = "cells"
+  c.model.alpha = 84.0
+  c.model.groups = 2
 
   c.data = dataset_lib.get_config()  # name, source, data_dir, num_train, num_test, seed, cutout
   c.data.seed = dataset_lib.follow(c, "seed")  # = c.seed unless overridden
@@ -123,7 +128,7 @@ def create_model(config: ml_collections.ConfigDict,
   dataset = ("imagenet" if name.startswith("imagenet")
              else name if name in eval_net.DATASET_DEFAULTS else "cifar10")
   m = config.model
-  if m.get("backbone", "cells") == "pyramidnet":  # the proxyless search's PyramidNet + tree cell
+  if m.backbone == "pyramidnet":  # the proxyless search's PyramidNet + tree cell
     from bnas_jax.models import pyramidnet  # pylint: disable=g-import-not-at-top
     return pyramidnet.create_pyramidnet(config.genotype, int(m.num_cells), float(m.alpha),
                                         int(m.groups), num_classes, m.get("dw_impl", "auto"))
@@ -435,6 +440,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
   except ValueError as e:
     raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
+  if config.model.backbone not in ("cells", "pyramidnet"):
+    raise errors.ConfigError(f"config.model.backbone={config.model.backbone!r}; use 'cells' (a "
+                             "cell genotype) or 'pyramidnet' (a tree cell)")
   try:
     create_model(config, num_classes=None)  # genotype, prev_reduce, drop_mode, dataset
   except ValueError as e:

@@ -13,7 +13,7 @@ Variants (``experiments/compress_lenet5.py:<variant>``):
 * ``tiny``: 400 / 200 images, 1 pretraining epoch, T = 2, 1 fine-tuning epoch: tests and smoke runs.
 
 ``--config.method`` picks BayesNAS (``bayesnas``) or a baseline (``group_lasso``, ``l1_filter``,
-``random``); ``--config.compress.lam`` the sparsity strength (sweep it: bench/compress_sweep.py).
+``random``); ``--config.compress.lam`` the sparsity strength (sweep it: bench/compress_lenet5.py).
 
 Run::
 
@@ -25,8 +25,11 @@ import os
 
 from bnas_jax.compression import runner
 
-SHARED_MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                            "shared", "data", "mnist-t10k")
+# The MNIST test files of the project's shared data folder: $BNAS_SHARED, else <repo>/../shared.
+SHARED_MNIST = os.path.join(
+    os.environ.get("BNAS_SHARED")
+    or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared"),
+    "data", "mnist-t10k")
 
 
 def get_config(arg=None):

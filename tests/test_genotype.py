@@ -592,6 +592,10 @@ def test_plot_cli_draws_names_json_files_and_nb201_strings(tmp_path, capsys):
   assert cli.resolve(str(tmp_path / "g.json")) == G.get_genotype("darts_v2")
   assert cli.main(["bayesnas_0.01", "--out", str(tmp_path / "pic")]) == 0
   assert (tmp_path / "pic.png").stat().st_size > 0 and (tmp_path / "pic.svg").stat().st_size > 0
+  from bnas_jax.search_space import tree as tree_lib  # pylint: disable=import-outside-toplevel
+  assert cli.resolve("tree_cell_a") == tree_lib.TREE_CELL_A
+  tree_lib.TREE_CELL_B.save(str(tmp_path / "tree.json"))
+  assert cli.resolve(str(tmp_path / "tree.json")) == tree_lib.TREE_CELL_B
   assert cli.main(["no_such_cell", "--out", str(tmp_path / "x")]) == 2
   assert "not a registered genotype" in capsys.readouterr().err
   assert not (tmp_path / "x.png").exists()

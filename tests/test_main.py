@@ -256,3 +256,15 @@ def test_one_seed_sets_the_data_seed_unless_it_is_overridden(experiment, tmp_pat
   loaded = main_lib.load_config_from_workdir(str(workdir))
   assert (loaded.seed, loaded.data.seed) == (3, 5)
   assert json.loads(loaded.to_json_best_effort()) == json.loads(config.to_json_best_effort())
+
+
+@pytest.mark.parametrize("experiment,variant", [
+    ("proxyless_cifar10", "tiny"), ("proxyless_eval", "tiny"), ("compress_lenet5", "tiny"),
+    ("cifar_proxy", "cpu"), ("cifar_eval", "tiny"), ("nb201_cifar10", "cpu")])
+def test_every_experiment_resumes_from_its_stored_config_alone(tmp_path, experiment, variant):
+  """`--workdir DIR` alone reads config.json back over the runner's defaults: every field an
+  experiment sets must be a field the runner knows."""
+  config = load_experiment(experiment).get_config(variant)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  loaded = main_lib.load_config_from_workdir(str(tmp_path))
+  assert json.loads(loaded.to_json_best_effort()) == json.loads(config.to_json_best_effort())

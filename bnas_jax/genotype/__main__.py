@@ -1,8 +1,9 @@
 r"""Draw a genotype: ``python -m bnas_jax.genotype GENOTYPE --out PREFIX [--title TITLE]``.
 
-GENOTYPE is a registered name (``darts_v2``, ``bayesnas_0.01``, ...), the path of a genotype JSON
-file (a search's ``genotype.json``) or a NAS-Bench-201 arch string (a search's ``nb201_arch.txt``,
-or its path). Writes ``PREFIX.png`` and ``PREFIX.svg`` and prints the genotype. Exit status 2 with
+GENOTYPE is a registered name (``darts_v2``, ``bayesnas_0.01``, ..., or a tree cell such as
+``tree_cell_a``), the path of a genotype JSON file (a search's ``genotype.json``, cell or tree cell)
+or a NAS-Bench-201 arch string (a search's ``nb201_arch.txt``, or its path). Writes ``PREFIX.png``
+and ``PREFIX.svg`` and prints the genotype. Exit status 2 with
 one line on stderr when GENOTYPE is none of these.
 """
 
@@ -13,15 +14,19 @@ import os
 import sys
 
 from bnas_jax.genotype import formats, named, pictures
+from bnas_jax.search_space import tree as tree_lib
 
 
 def resolve(spec: str):
-  """The `Genotype` named by `spec` (a registered name, a JSON file, an NB201 arch string or a file
-  holding one).
+  """The `Genotype` or tree cell named by `spec` (a registered name, a JSON file, an NB201 arch
+  string or a file holding one).
 
   Raises:
     ValueError: naming `spec` when it is none of these.
   """
+  is_tree_file = os.path.isfile(spec) and tree_lib.is_tree_cell_json(spec)
+  if spec in tree_lib.NAMED_TREE_CELLS or is_tree_file:
+    return tree_lib.load_tree_cell(spec)
   if spec in named.NAMED_GENOTYPES or spec.endswith(".json"):
     return named.load_genotype(spec)
   text = spec
@@ -30,7 +35,8 @@ def resolve(spec: str):
       text = f.read().strip()
   if text.startswith("|"):
     return formats.from_nb201_string(text)
-  raise ValueError(f"{spec!r} is not a registered genotype ({sorted(named.NAMED_GENOTYPES)}), a "
+  known = sorted(named.NAMED_GENOTYPES) + sorted(tree_lib.NAMED_TREE_CELLS)
+  raise ValueError(f"{spec!r} is not a registered genotype ({known}), a "
                    "genotype JSON file or a NAS-Bench-201 arch string (or a file holding one)")
 
 

@@ -459,10 +459,13 @@ class Supernet(nn.Module):
 
 
 def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, num_cells: int,
-                    num_classes: int, alive: Optional[spaces.FrozenMask] = None,
-                    **kw) -> Supernet:
+                    num_classes: int, alive: Optional[spaces.FrozenMask] = None, *,
+                    alpha: float = 48.0, groups: int = 2, **kw) -> Supernet:
   """Builds the `Supernet` of `space` (keywords: ``dw_impl``, where ``'auto'`` is resolved for the
   default backend by `layers.resolve_dw_impl`; ``edge_loop``, ``pruned_ops``, ``remat``).
+
+  `alpha` (widening) and `groups` (group-conv groups) shape the PyramidNet backbone of the tree
+  spaces (`bnas_jax.models.tree_supernet`); the cell spaces have no use for them.
 
   Raises:
     ValueError: unknown space, `alive` naming cell types the space does not have, or an unknown
@@ -477,7 +480,7 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
   if tree_lib.is_tree_space(sp):  # PyramidNet with a switched tree cell (models/tree_supernet.py)
     from bnas_jax.models import tree_supernet  # pylint: disable=g-import-not-at-top
     return tree_supernet.create_tree_supernet(sp, init_channels, num_cells, num_classes, alive,
-                                              **kw)
+                                              alpha=alpha, groups=groups, **kw)
   if "dw_impl" in kw:  # 'auto' is resolved here, so that the model names its implementation
     kw["dw_impl"] = layers.resolve_dw_impl(kw["dw_impl"])
   return Supernet(sp.name, init_channels, num_cells, num_classes, alive, **kw)
