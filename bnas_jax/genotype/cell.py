@@ -12,12 +12,11 @@ import collections
 import dataclasses
 import json
 import operator
-import os
-import tempfile
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from bnas_jax import files
 from bnas_jax.search_space import spaces
 
 FORMAT_VERSION = 1
@@ -181,23 +180,8 @@ class Genotype:
     return cls.from_dict(json.loads(text))
 
   def save(self, path: str) -> None:
-    """Writes the JSON form atomically (temp file in the same folder + ``os.replace``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".genotype-", suffix=".tmp", dir=folder)
-    try:
-      with os.fdopen(fd, "w") as f:
-        f.write(self.to_json())
-        f.write("\n")
-      umask = os.umask(0)
-      os.umask(umask)
-      os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    """Writes the JSON form atomically (`bnas_jax.files.write_text_atomic`)."""
+    files.write_text_atomic(path, self.to_json() + "\n")
 
   @classmethod
   def load(cls, path: str) -> "Genotype":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 FORMAT_VERSION = 1
@@ -234,22 +233,8 @@ class TreeCell:
     return cls.from_dict(json.loads(text))
 
   def save(self, path: str) -> None:
-    """Writes the JSON form atomically (temp file in the same folder + ``os.replace``)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tree-cell-", suffix=".tmp", dir=folder)
-    try:
-      with os.fdopen(fd, "w") as f:
-        f.write(self.to_json() + "\n")
-      umask = os.umask(0)
-      os.umask(umask)
-      os.chmod(tmp, 0o666 & ~umask)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    """Writes the JSON form atomically (`bnas_jax.files.write_text_atomic`)."""
+    files.write_text_atomic(path, self.to_json() + "\n")
 
   @classmethod
   def load(cls, path: str) -> "TreeCell":
@@ -333,6 +318,7 @@ def load_tree_cell(name_or_path: Union[str, TreeCell]) -> TreeCell:
 # The search side and the pictures live in their own modules; their public names are re-exported
 # here (imported last: they build on the types above).
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from bnas_jax import files
 from bnas_jax.search_space.tree_space import (  # noqa: E402,F401
     CELL_TYPE, TemplateEdge, TreeSearchSpace, TreeTemplate, check_valid, derive, is_tree_space,
     make_space)

@@ -1,0 +1,26 @@
+"""Tests of bnas_jax.files: atomic text writes."""
+
+import os
+
+import pytest
+
+from bnas_jax import files
+
+
+def test_write_text_atomic_replaces_and_leaves_no_temp_file(tmp_path):
+  path = tmp_path / "sub" / "a.json"
+  files.write_text_atomic(str(path), "one\n")
+  files.write_text_atomic(str(path), "two\n")
+  assert path.read_text() == "two\n"
+  assert sorted(os.listdir(path.parent)) == ["a.json"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_write_text_atomic_failure_keeps_the_old_file_and_removes_the_temp(tmp_path):
+  target = tmp_path / "d"
+  target.mkdir()  # os.replace of a file onto a folder fails
+  with pytest.raises(OSError):
+    files.write_text_atomic(str(target), "x")
+  assert target.is_dir() and os.listdir(tmp_path) == ["d"]
