@@ -29,3 +29,24 @@ def write_text_atomic(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def save_figure(fig, path_prefix: str, dpi: int = 110) -> tuple[str, str]:
+  """Saves a matplotlib figure as ``<path_prefix>.png`` (at `dpi`) and ``.svg``, then closes it.
+
+  Missing folders are created. Returns the PNG and SVG paths.
+
+  Raises:
+    OSError: a file cannot be written (the figure is closed all the same).
+  """
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  prefix = os.fspath(path_prefix)
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  paths = (prefix + ".png", prefix + ".svg")
+  try:
+    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+  finally:
+    plt.close(fig)
+  return paths

@@ -24,3 +24,16 @@ def test_write_text_atomic_failure_keeps_the_old_file_and_removes_the_temp(tmp_p
   with pytest.raises(OSError):
     files.write_text_atomic(str(target), "x")
   assert target.is_dir() and os.listdir(tmp_path) == ["d"]
+
+
+def test_save_figure_writes_png_and_svg_and_closes_the_figure(tmp_path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg", force=False)
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig = plt.figure()
+  fig.gca().plot([0, 1], [1, 0])
+  png, svg = files.save_figure(fig, str(tmp_path / "pics" / "f"))
+  assert (png, svg) == (str(tmp_path / "pics" / "f.png"), str(tmp_path / "pics" / "f.svg"))
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "<svg" in open(svg).read()
+  assert not plt.fignum_exists(fig.number)

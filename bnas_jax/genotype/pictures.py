@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 
+from bnas_jax import files
 from bnas_jax.genotype.cell import Genotype, _node_label
 from bnas_jax.search_space import tree as tree_lib
 
@@ -112,12 +112,4 @@ def plot(genotype: Genotype, path_prefix: str, title: str | None = None) -> tupl
     _draw_cell(ax, genotype, cell_type)
   fig.suptitle(title or f"{genotype.space} genotype", fontsize=12)
   fig.tight_layout()
-  prefix = os.fspath(path_prefix)
-  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-  paths = (prefix + ".png", prefix + ".svg")
-  try:
-    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-  finally:
-    plt.close(fig)
-  return paths
+  return files.save_figure(fig, path_prefix)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
+from bnas_jax import files
 from bnas_jax.search_space.tree import ROOT_OP, TreeCell, TreeNode
 
 
@@ -67,12 +67,4 @@ def plot(cell: TreeCell, path_prefix: str, title: str | None = None) -> tuple[st
   ax.axis("off")
   ax.set_title(title or f"tree cell: {cell}", fontsize=9)
   fig.tight_layout()
-  prefix = os.fspath(path_prefix)
-  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-  paths = (prefix + ".png", prefix + ".svg")
-  try:
-    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-  finally:
-    plt.close(fig)
-  return paths
+  return files.save_figure(fig, path_prefix)
