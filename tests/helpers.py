@@ -3,13 +3,17 @@
 * `tiny_search_config`: ``experiments/tiny.py`` pointed at a data folder, with dotted overrides;
 * `TINY_DARTS_CELL`: a small darts genotype for retraining tests;
 * `tiny_retrain_config`: the retraining config of a 2-cell, C = 4 network of that cell on the
-  lossless subset, a few steps per epoch.
+  lossless subset, a few steps per epoch;
+* `two_device_search`: a search on 2 simulated CPU devices in a subprocess (a fixture's body).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping
+import subprocess
+import sys
+from typing import Any, Iterator, Mapping
 
 from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
@@ -69,3 +73,27 @@ def tiny_retrain_config(genotype_path: str, data_dir: str, **train):
     c.train[k] = v
   c.progress_bar = False
   return c
+
+
+@contextlib.contextmanager
+def two_device_search(config_arg: str, workdir: str, data_dir: str, cache_dir: str,
+                      overrides: Mapping[str, Any]) -> Iterator[subprocess.Popen]:
+  """Starts ``python -m bnas_jax.main --config CONFIG_ARG`` on 2 simulated CPU devices in a
+  subprocess (log in ``<workdir>/stdout.txt``), yields the process and kills it on exit if it is
+  still running. Compiles with the shared persistent cache in `cache_dir`."""
+  env = dict(os.environ)
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             JAX_COMPILATION_CACHE_DIR=os.path.join(cache_dir, "jax_compilation_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  cmd = [sys.executable, "-m", "bnas_jax.main", f"--config={config_arg}", f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}"]
+  cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+  with open(os.path.join(workdir, "stdout.txt"), "w") as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      yield proc
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()

@@ -22,8 +22,6 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,21 +73,9 @@ def read_scalar_tags(event_file: str) -> set[str]:
 def two_device_run(tmp_path_factory, cifar10_subset_dir, data_cache_dir):
   """Starts the 2-device tiny search in a subprocess (collected by `test_two_devices_...`)."""
   workdir = str(tmp_path_factory.mktemp("two_devices"))
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(data_cache_dir, "jax_compilation_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  cmd = [sys.executable, "-m", "bnas_jax.main", f"--config={TINY}", f"--workdir={workdir}",
-         f"--config.data.data_dir={cifar10_subset_dir}"]
-  cmd += [f"--config.{k}={v}" for k, v in TWO_DEVICE_OVERRIDES.items()]
-  log = open(os.path.join(workdir, "stdout.txt"), "w")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-  yield proc, workdir
-  if proc.poll() is None:
-    proc.kill()
-  proc.wait()
-  log.close()
+  with helpers.two_device_search(TINY, workdir, cifar10_subset_dir, data_cache_dir,
+                                 TWO_DEVICE_OVERRIDES) as proc:
+    yield proc, workdir
 
 
 @pytest.fixture(scope="module")
