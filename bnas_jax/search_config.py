@@ -56,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (jax.checkpoint): a smaller activation buffer; same function and gradients, so it may change
   # when a run is resumed.
   c.model.remat = True
+  # BN(affine=False) after the identity skip and the pools of every edge, so that every candidate
+  # op outputs unit scale and switch sizes (hence gamma) compare across ops (models/supernet.py).
+  c.model.param_free_bn = False
   # The PyramidNet backbone of the tree spaces (experiments/proxyless_cifar10.py): additive
   # widening alpha and the groups of its grouped convs. The cell spaces do not read them.
   c.model.alpha = 48.0

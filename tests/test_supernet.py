@@ -251,3 +251,38 @@ def test_remat_equals_stored_activations():
   for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
   assert float(np.max(np.abs(res[0][1][1]))) > 0  # the switch gradient is not trivially zero
+
+
+def test_param_free_bn_normalises_skip_and_pool_outputs():
+  # With param_free_bn, an nb201 edge is sum_k s_k BN(op_k(s_0 x)) for the parameter-free ops too:
+  # only skip_connect (or only avg_pool_3x3) switched on, in train mode, gives the per-channel
+  # batch-normalised identity (or pool) of s_0 x, closed form mean 0 / variance 1 (eps 1e-5).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(2.0, 3.0, size=(4, 6, 6, 5)), jnp.float32)
+  sp = spaces.get_space("nb201")
+  mod = sn.EdgeOps(sp.family, tuple(sp.ops), 5, 1, None, False, "lax", "lax", True)
+  variables = mod.init(jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
+  assert {"skip_connect_bn", "avg_pool_3x3_bn"} <= set(variables["batch_stats"])
+  for k, name in enumerate(sp.ops):
+    if name not in ("skip_connect", "avg_pool_3x3"):
+      continue
+    s = np.zeros(1 + len(sp.ops), np.float32)
+    s[0], s[1 + k] = 0.5, 2.0
+    got, _ = mod.apply(variables, x, jnp.asarray(s), train=True, mutable=["batch_stats"])
+    y = 0.5 * np.asarray(x, np.float64)
+    if name == "avg_pool_3x3":  # count_include_pad=False average over the 3 x 3 window
+      pad = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+      ones = np.pad(np.ones_like(y), ((0, 0), (1, 1), (1, 1), (0, 0)))
+      win = lambda a: sum(a[:, i:i + 6, j:j + 6] for i in range(3) for j in range(3))
+      y = win(pad) / win(ones)
+    ref = 2.0 * (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  # Off (the default), the identity passes s_0 x through unchanged.
+  plain = sn.EdgeOps(sp.family, tuple(sp.ops), 5, 1, None, False, "lax", "lax")
+  pv = plain.init(jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
+  s = np.zeros(1 + len(sp.ops), np.float32)
+  s[0], s[1 + sp.ops.index("skip_connect")] = 0.5, 2.0
+  np.testing.assert_allclose(plain.apply(pv, x, jnp.asarray(s), train=True,
+                                         mutable=["batch_stats"])[0], 1.0 * x, rtol=1e-6)
+  with pytest.raises(ValueError, match="param_free_bn"):
+    sn.create_supernet("tree_tiny", 8, 1, 10, param_free_bn=True)

@@ -139,6 +139,9 @@ class EdgeOps(nn.Module):
       outside ``init``.
     affine, dw_impl: passed to the ops.
     conv_impl: `layers.conv` impl of the dense k x k convs (`ops.DENSE_CONV_OPS`; the other ops ignore it).
+    param_free_bn: BN(affine=False) after every parameter-free op (identity skip, pools), so that
+      every candidate op's output has unit scale per channel, like the ops that end in a BN, and
+      switch sizes compare across ops. The DARTS-family supernets always put it after pools.
   """
   family: str
   op_names: tuple[str, ...]
@@ -148,6 +151,7 @@ class EdgeOps(nn.Module):
   affine: bool = False
   dw_impl: str = "shift"
   conv_impl: str = "lax"
+  param_free_bn: bool = False
 
   @nn.compact
   def __call__(self, x: Array, s: Array, *, train: bool) -> Array:
@@ -165,7 +169,8 @@ class EdgeOps(nn.Module):
         continue
       y = ops_lib.get_op(self.family, name, self.channels, self.stride, options,
                          module_name=name)(x, train=train)
-      if self.family == "darts" and "pool" in name:
+      if ((self.family == "darts" or self.param_free_bn) and "pool" in name
+          or self.param_free_bn and name == "skip_connect" and self.stride == 1):
         y = ops_lib.BatchNorm(False, name=f"{name}_bn")(y, train=train)
       term = y * bc(s[..., 1 + k])
       out = term if out is None else out + term
@@ -237,6 +242,7 @@ class Cell(nn.Module):
       same loop fully unrolled: slower compile, faster step on CPU). See `Supernet`.
     pruned_ops: see `Supernet`.
     remat: see `Supernet`.
+    param_free_bn: see `EdgeOps`.
   """
   space: str
   channels: int
@@ -247,6 +253,7 @@ class Cell(nn.Module):
   edge_loop: str = "scan"
   pruned_ops: str = "skip"
   remat: bool = True
+  param_free_bn: bool = False
 
   @nn.compact
   def __call__(self, inputs: tuple[Array, ...], sw: Array, *, train: bool) -> Array:
@@ -292,7 +299,7 @@ class Cell(nn.Module):
       if not eids:
         continue
       mod = EdgeOps(sp.family, tuple(sp.ops), c, stride, None, self.affine, self.dw_impl,
-                    conv_impl, parent=None)
+                    conv_impl, self.param_free_bn, parent=None)
       src_shape = inputs[-1].shape if stride == 2 else (b, h, w, c)
 
       def init_vars(key, mod=mod, src_shape=src_shape, n=len(eids)):
@@ -385,6 +392,9 @@ class Supernet(nn.Module):
       gradients. On CPU, where the step is bound by the memory traffic of stored activations,
       it makes the step faster and the activation buffer much smaller (docs/performance.md); on
       a GPU recomputing costs relatively more: compare both settings there.
+    param_free_bn: BN(affine=False) after the identity skip and the pools of every edge
+      (`EdgeOps`): all candidate ops then output unit scale, so that the switches, and with them
+      the ARD variances gamma, compare across ops.
   """
   space: str
   init_channels: int
@@ -395,6 +405,7 @@ class Supernet(nn.Module):
   edge_loop: str = "scan"
   pruned_ops: str = "skip"
   remat: bool = True
+  param_free_bn: bool = False
 
   @nn.compact
   def __call__(self, images: Array, switches: Switches, *, train: bool) -> Array:
@@ -427,7 +438,8 @@ class Supernet(nn.Module):
         if i and spec.channels != plan[i - 1].channels:
           x = ops_lib.ResNetBasicBlock(spec.channels, 2, True, name=f"resblock_{i}")(x, train=train)
         x = Cell(sp.name, spec.channels, spec.cell_type, alive.get(spec.cell_type), False,
-                 self.dw_impl, self.edge_loop, self.pruned_ops, self.remat, name=f"cell_{i}")(
+                 self.dw_impl, self.edge_loop, self.pruned_ops, self.remat, self.param_free_bn,
+                 name=f"cell_{i}")(
                      (x,), cell_sw(spec.cell_type, spec.type_index), train=train)
       x = nn.relu(ops_lib.BatchNorm(True, name="lastact_bn")(x, train=train))
     else:
@@ -447,7 +459,8 @@ class Supernet(nn.Module):
             p0 = ops_lib.ReLUConvBN(c, 1, 1, 0, False, name=f"cell_{i}_pre0")(s0, train=train)
           p1 = ops_lib.ReLUConvBN(c, 1, 1, 0, False, name=f"cell_{i}_pre1")(s1, train=train)
         out = Cell(sp.name, c, spec.cell_type, alive.get(spec.cell_type), False, self.dw_impl,
-                   self.edge_loop, self.pruned_ops, self.remat, name=f"cell_{i}")(
+                   self.edge_loop, self.pruned_ops, self.remat, self.param_free_bn,
+                   name=f"cell_{i}")(
                        (p0, p1), cell_sw(spec.cell_type, spec.type_index), train=train)
         s0, s1 = s1, out
       x = s1
@@ -478,6 +491,9 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
       raise ValueError(f"alive mask names cell types {sorted(unknown)} not in space {sp.name!r}")
   check_loop_options(kw.get("edge_loop", "scan"), kw.get("pruned_ops", "skip"))
   if tree_lib.is_tree_space(sp):  # PyramidNet with a switched tree cell (models/tree_supernet.py)
+    if kw.pop("param_free_bn", False):
+      raise ValueError(f"param_free_bn=True applies to the cell spaces; space {sp.name!r} is a "
+                       "tree space: set it False")
     from bnas_jax.models import tree_supernet  # pylint: disable=g-import-not-at-top
     return tree_supernet.create_tree_supernet(sp, init_channels, num_cells, num_classes, alive,
                                               alpha=alpha, groups=groups, **kw)
