@@ -5,6 +5,13 @@ Usage::
   python -m bnas_jax.count --genotype darts_v2                    # CIFAR-10, C = 36, 20 cells
   python -m bnas_jax.count --genotype bayesnas_0.01 --dataset imagenet
   python -m bnas_jax.count --genotype runs/search/genotype.json --init_channels 16 --num_cells 8
+  python -m bnas_jax.count --genotype tree_cell_a                 # PyramidNet, N = 18, alpha = 84
+  python -m bnas_jax.count --genotype runs/proxyless/genotype.json --num_cells 18 --alpha 84
+
+A tree cell (a registered name such as ``tree_cell_a`` or a tree-cell JSON file written by the
+proxyless search) is counted in the PyramidNet it retrains in (`bnas_jax.models.pyramidnet`):
+``--num_cells`` is then the number of bottleneck blocks per stage N (default 18), ``--alpha`` the
+additive widening (default 84) and ``--groups`` the groups of its grouped convs (default 2).
 
 Parameters are counted from `jax.eval_shape` of the model's init (nothing is allocated or compiled):
 conv/linear weights, linear biases and BN scale/bias; BN running statistics are not parameters. The
@@ -30,6 +37,7 @@ holds such figures, printed beside the computed ones.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -116,6 +124,21 @@ def multiply_adds(params: Any, output_shapes: dict, *, exclude=("auxiliary_head"
   return total
 
 
+def count_pyramidnet(model: nn.Module, image_size: int = 32) -> dict[str, int]:
+  """Parameters and multiply-adds of a PyramidNet with a tree cell (abstract evaluation only).
+
+  Returns:
+    {'params', 'multiply_adds' (per image)}; the network has no auxiliary head.
+  """
+  from bnas_jax.models import pyramidnet  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda k, im: model.init({"params": k}, im, train=False),
+                             jax.random.key(0), x)
+  shapes = module_output_shapes(model, variables, x, train=False)
+  return {"params": pyramidnet.count_params(model, (image_size, image_size, 3)),
+          "multiply_adds": multiply_adds(variables["params"], shapes)}
+
+
 def count(model: eval_net.EvalNetwork, image_size: int | None = None) -> dict[str, int]:
   """Parameter counts and multiply-adds of `model` (abstract evaluation, no compile).
 
@@ -138,11 +161,42 @@ flags.DEFINE_integer("init_channels", None, "Override C (default: 36 CIFAR, 48 I
 flags.DEFINE_integer("num_cells", None, "Override the number of cells (default 20 / 14).")
 flags.DEFINE_enum("prev_reduce", "auto", ["auto", "conv", "factorized"],
                   "BayesNAS flavour: c_{k-2} size reduction after a reduction cell.")
+flags.DEFINE_float("alpha", 84.0, "Tree cells: the PyramidNet's additive widening alpha.")
+flags.DEFINE_integer("groups", 2, "Tree cells: groups of the PyramidNet's grouped convs.")
+
+
+def _is_tree_cell(spec: str) -> bool:
+  from bnas_jax.search_space import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  return spec in tree_lib.NAMED_TREE_CELLS or (os.path.isfile(spec)
+                                                and tree_lib.is_tree_cell_json(spec))
+
+
+def _main_tree_cell() -> None:
+  from bnas_jax.models import pyramidnet  # pylint: disable=g-import-not-at-top
+  if FLAGS.dataset != "cifar10" or FLAGS.init_channels is not None:
+    print("bnas_jax.count: error: a tree cell is counted in the CIFAR PyramidNet: drop "
+          "--dataset / --init_channels (use --num_cells, --alpha, --groups)", file=sys.stderr)
+    sys.exit(2)
+  n = FLAGS.num_cells or 18
+  try:
+    model = pyramidnet.create_pyramidnet(FLAGS.genotype, n, FLAGS.alpha, FLAGS.groups, 10)
+  except ValueError as e:
+    print(f"bnas_jax.count: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  c = count_pyramidnet(model)
+  print(f"tree cell: {FLAGS.genotype}, PyramidNet N={n} blocks per stage, alpha={FLAGS.alpha:g}, "
+        f"groups={FLAGS.groups}, CIFAR-10")
+  print(f"params: {c['params']:,} ({c['params'] / 1e6:.3f} M)")
+  print(f"multiply-adds per image: {c['multiply_adds']:,} ({c['multiply_adds'] / 1e6:.1f} M; "
+        "conv + linear weights x output positions, see the module docstring)")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
+  if _is_tree_cell(FLAGS.genotype):
+    _main_tree_cell()
+    return
   try:
     model = eval_net.create_eval_net(FLAGS.genotype, dataset=FLAGS.dataset,
                                      init_channels=FLAGS.init_channels, num_cells=FLAGS.num_cells,

@@ -236,3 +236,12 @@ def test_count_docstring_gives_the_computed_figure_beside_the_published_one():
   published = count_lib.PUBLISHED[("darts_v2", "imagenet")]
   assert published[:2] == (574e6, 4.7e6)
   assert computed in count_lib.__doc__ and "574 M" in count_lib.__doc__
+
+
+def test_count_cli_counts_tree_cells_in_the_pyramidnet():
+  # Spec oracle (proxyless spec 3): TreeCell-A in the PyramidNet with N = 18 blocks per stage,
+  # alpha = 84, 2 groups has 5,724,330 parameters.
+  out = subprocess.run([sys.executable, "-m", "bnas_jax.count", "--genotype", "tree_cell_a"],
+                       capture_output=True, text=True, check=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  assert "params: 5,724,330" in out and "multiply-adds per image:" in out
