@@ -374,6 +374,10 @@ def test_check_command(cifar10_subset_dir, capsys):
   assert prepare.main(['check', '--data_dir', cifar10_subset_dir, '--num_train', '4000',
                   '--num_test', '1000']) == 0
   assert 'train (4000, 32, 32, 3)' in capsys.readouterr().out
+  # Bad input names this command's flags, not the config fields of a run.
+  assert prepare.main(['check', '--data_dir', cifar10_subset_dir, '--num_train', '5']) == 2
+  err = capsys.readouterr().err
+  assert '--num_train / --num_test' in err and '--data_dir' in err and 'config.' not in err
 
 
 # ---------------------------------------------------------------------------

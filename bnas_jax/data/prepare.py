@@ -10,6 +10,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -222,7 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return _run_command(args)
   except (DatasetError, FileNotFoundError) as e:  # bad input, named in the message
-    print(f'python -m bnas_jax.data.prepare {args.command}: error: {e}', file=sys.stderr)
+    msg = str(e)
+    if args.command == 'check':  # the loader names config fields; here they are this command's flags
+      msg = re.sub(r'(config\.data\.|\b)num_train / num_test', '--num_train / --num_test', msg)
+      msg = msg.replace('config.data.', '--')
+    print(f'python -m bnas_jax.data.prepare {args.command}: error: {msg}', file=sys.stderr)
     return 2
 
 
