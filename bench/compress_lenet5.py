@@ -48,9 +48,11 @@ flags.DEFINE_string("root", os.path.join(REPO, "runs", "compress_bench"), "Run d
 flags.DEFINE_string("experiment", os.path.join(REPO, "experiments", "compress_lenet5.py"),
                     "Experiment file.")
 flags.DEFINE_string("variant", "cpu", "Variant of the experiment file.")
-flags.DEFINE_list("bayes_lams", ["0.03", "0.1", "0.3", "1", "3"], "BayesNAS lambdas.")
-flags.DEFINE_list("gl_lams", ["0.001", "0.003", "0.01", "0.03"], "Group-lasso (B1) lambdas.")
-flags.DEFINE_list("ratios", ["0.3", "0.5", "0.7", "0.9"], "L1-norm (B2) pruned fractions.")
+flags.DEFINE_list("bayes_lams", ["0.0003", "0.0006", "0.001", "0.002", "0.003", "0.006"],
+                  "BayesNAS lambdas.")
+flags.DEFINE_list("gl_lams", ["0.0003", "0.0006", "0.001", "0.002", "0.003", "0.006"],
+                  "Group-lasso (B1) lambdas.")
+flags.DEFINE_list("ratios", ["0.2", "0.3", "0.4", "0.5", "0.7"], "L1-norm (B2) pruned fractions.")
 flags.DEFINE_integer("seed", 0, "Seed of every run (network init, data order).")
 flags.DEFINE_float("tolerance", 0.2, "Selection: validation error within this many points of "
                    "the dense network's.")

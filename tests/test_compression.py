@@ -224,6 +224,35 @@ def test_hierarchy_series_gamma_and_parent_child_deaths():
   assert masks["fc1_in"].reshape(16, 3)[:, :2].sum() == 0
 
 
+def test_posterior_rule_prunes_switches_whose_posterior_includes_zero():
+  # Reference written out per element: C = gamma_prev / (1 + gamma_prev h / lambda) with the
+  # previous prior variance gamma_prev; a live group dies when s^2 < C; then the hierarchy.
+  arch = networks.lenet5(widths=(2, 3, 4))
+  sw = groups.init_switches(arch)
+  rng = np.random.default_rng(3)
+  sw = {tau: jnp.asarray(rng.uniform(0.2, 1.2, s.shape), jnp.float32) for tau, s in sw.items()}
+  h = {tau: jnp.asarray(rng.uniform(0.0, 0.3, s.shape), jnp.float32) for tau, s in sw.items()}
+  lam = 0.1
+  prior = bayes.init(sw, gamma_init=2.0)
+  out = train.prior_step(prior, sw, h, lam=lam, prune_threshold=0.0, eps_s=0.0,
+                         prune_rule="posterior")
+  same_gamma_rule = train.prior_step(prior, sw, h, lam=lam, prune_threshold=0.0, eps_s=0.0)
+  for tau in sw:
+    s = np.asarray(sw[tau][0], np.float64)
+    hh = np.asarray(h[tau][0], np.float64)
+    post = 2.0 / (1.0 + 2.0 * hh / lam)
+    want = ~(s * s < post)
+    if want.shape[1] > 1:  # parent without live children dies; dead parent kills children
+      want[:, 0] &= want[:, 1:].any(axis=1)
+      want[:, 1:] &= want[:, :1]
+    np.testing.assert_array_equal(np.asarray(out.alive[tau]), want, err_msg=tau)
+    assert np.asarray(same_gamma_rule.alive[tau]).all()  # gamma rule with threshold 0: none
+    assert np.all(np.asarray(out.gamma[tau])[0][~want] == 0.0)
+  assert any(not np.asarray(a).all() for a in out.alive.values())  # the case is not vacuous
+  with pytest.raises(ValueError, match="prune_rule"):
+    train.prior_step(prior, sw, h, lam=lam, prune_threshold=0.0, eps_s=0.0, prune_rule="cap")
+
+
 def test_propagate_kills_channel_without_consumers_and_reports_collapse():
   arch = networks.lenet5(widths=(2, 3, 4))
   m = groups.full_masks(arch)

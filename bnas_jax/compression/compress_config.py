@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.compress.lam = 1e-3  # lambda, for the mean-CE loss; sweep it (spec 3.4, 7.3)
   c.compress.lambda_ramp = 0.15  # fraction of the iterations over which lambda ramps up
   c.compress.prune_threshold = 1e-4  # gamma < this x the layer's median live gamma: dead
+  # 'gamma': prune on the gamma threshold and |s| < eps_s only; 'posterior': also when the Laplace
+  # posterior of the switch does not exclude 0 at one standard deviation (train.prior_step).
+  c.compress.prune_rule = "posterior"
   c.compress.eps_s = 1e-2  # |s| < eps_s: dead (Adam steps of 1e-2 hover around 0)
   c.compress.curvature = "ggn_fast"
   c.compress.curvature_batches = 20  # M
@@ -112,6 +115,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     train.make_step_fns(make_arch(c), step_config(c, "compress"))
   except ValueError as e:
     raise errors.ConfigError(f"config.compress: {e}") from None
+  if c.compress.prune_rule not in train.PRUNE_RULES:
+    raise errors.ConfigError(f"config.compress.prune_rule={c.compress.prune_rule!r}; choose one "
+                             f"of {train.PRUNE_RULES}")
   if not 0.0 <= float(c.baseline.ratio) < 1.0:
     raise errors.ConfigError(f"config.baseline.ratio={c.baseline.ratio} must be in [0, 1)")
   if c.method == "random":

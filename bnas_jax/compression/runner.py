@@ -322,7 +322,8 @@ class _Runner:
     gamma_prev = prior.gamma
     prior = train.prior_step(prior, ts.switches, h, lam=lam,
                              prune_threshold=float(c.compress.prune_threshold),
-                             eps_s=float(c.compress.eps_s), reweight=self.reweight)
+                             eps_s=float(c.compress.eps_s), reweight=self.reweight,
+                             prune_rule=c.compress.prune_rule)
     masks = groups.unit_masks(self.arch, prior.alive)
     try:
       masks = groups.propagate(self.arch, masks)

@@ -374,26 +374,54 @@ def lambda_at(iteration: int, total: int, lam: float, ramp_fraction: float) -> f
   return float(lam) * (min(1.0, iteration / ramp) if ramp > 0 else 1.0)
 
 
+PRUNE_RULES = ("gamma", "posterior")
+
+
+def _hierarchy(alive: Mapping[str, Array]) -> dict[str, Array]:
+  """The hierarchy rule of `bayes.update` on a group mask: a parent (column 0) without live
+  children dies, a dead parent kills its children."""
+  out = {}
+  for tau, a in alive.items():
+    a = jnp.asarray(a, bool)
+    origin = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
+    out[tau] = jnp.concatenate([origin[:, None], a[:, 1:] & origin[:, None]], axis=1)
+  return out
+
+
 def prior_step(prior: bayes.HardPriorState, switches: Mapping[str, Array], h: Mapping[str, Array],
-               *, lam: float, prune_threshold: float, eps_s: float, reweight: bool = True
-               ) -> bayes.HardPriorState:
+               *, lam: float, prune_threshold: float, eps_s: float, reweight: bool = True,
+               prune_rule: str = "gamma") -> bayes.HardPriorState:
   """Spec 3.2 steps 3-4 with `bayes.update`: switches with ``|s| < eps_s`` die first, then the
   Laplace update, the relative gamma threshold (per layer and switch kind) and the hierarchy.
 
+  ``prune_rule='posterior'`` also removes every live group whose Laplace posterior does not
+  exclude 0 at one standard deviation, ``s_g^2 < C_g`` with ``C_g = (1/gamma_g + H_g)^-1`` the
+  posterior variance `bayes.update` returns (SBP's "signal-to-noise ratio below 1" rule, spec 3.5,
+  on the BayesNAS posterior). With ``gamma = |s| / omega`` it reads ``|s| omega + s^2 h / lambda
+  < 1``: a unit dies when the data barely constrain it (small curvature ``h`` relative to
+  ``lambda``), i.e. where the exact ARD solution sets its gamma to 0, instead of waiting for the
+  optimiser to drive its switch below ``eps_s``.
+
   ``reweight=False`` (baseline B1, plain group lasso) keeps omega at 1 and prunes on ``|s|`` only.
   """
+  if prune_rule not in PRUNE_RULES:
+    raise ValueError(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
   small = {tau: jnp.abs(jnp.asarray(s))[0] >= eps_s for tau, s in switches.items()}
   alive = {tau: jnp.asarray(prior.alive[tau]) & small[tau] for tau in prior.alive}
   if not reweight:
-    # Same hierarchy rule as bayes.update: a parent without live children dies and kills them.
-    out = {}
-    for tau, a in alive.items():
-      origin = a[:, 0] & (jnp.any(a[:, 1:], axis=1) if a.shape[1] > 1 else True)
-      out[tau] = jnp.concatenate([origin[:, None], a[:, 1:] & origin[:, None]], axis=1)
-    return prior._replace(alive=out, count=prior.count + 1)
+    return prior._replace(alive=_hierarchy(alive), count=prior.count + 1)
   prior = prior._replace(alive=alive)
-  return bayes.update(prior, switches, h, lambda_origin=lam, lambda_op=lam,
-                      prune_threshold=prune_threshold, prune_mode="relative")
+  prior = bayes.update(prior, switches, h, lambda_origin=lam, lambda_op=lam,
+                       prune_threshold=prune_threshold, prune_mode="relative")
+  if prune_rule == "posterior":
+    alive = {tau: a & ~(jnp.square(jnp.asarray(switches[tau]))[0]
+                        < jnp.asarray(prior.posterior_variance[tau])[0])
+             for tau, a in prior.alive.items()}
+    alive = _hierarchy(alive)
+    prior = prior._replace(alive=alive,
+                           gamma={tau: jnp.where(alive[tau][None], g, 0.0)
+                                  for tau, g in prior.gamma.items()})
+  return prior
 
 
 def sparsity_penalty_omega(prior: bayes.HardPriorState, reweight: bool) -> dict[str, Array]:
