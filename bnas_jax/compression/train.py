@@ -19,8 +19,9 @@ then the curvature ``h`` = GGN diagonal of the mean loss w.r.t. the live switche
 ``H = h / lambda`` (spec 3.4 units: ``h`` is the curvature of the same mean loss the penalty is
 added to, so ``lambda`` plays the role of the likelihood temperature), pruning of groups whose
 gamma fell below ``prune_threshold`` times the layer's median live gamma or whose ``|s|`` fell
-below ``eps_s``, and the hierarchy (children of a dead channel die, a channel without live
-children dies).
+below ``eps_s`` (and, with ``prune_rule='posterior'``, whose Laplace posterior does not exclude 0
+at one standard deviation, `prior_step`), and the hierarchy (children of a dead channel die, a
+channel without live children dies).
 """
 
 from __future__ import annotations
