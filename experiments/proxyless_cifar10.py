@@ -22,9 +22,9 @@ Variants (``:name``):
 
 * (none): the full supernet (17.5 M parameters) on 5k warm-up / 40k search / 5k val images,
   batch 64, T = 3. Needs a GPU.
-* ``cpu``: N = 1 block per stage, alpha = 12 (widths 20, 24, 28), stem 16, on 256 / 512 / 256
-  images, batch 32, T = 2; for a 2-core CPU, where XLA compilation takes most of the time (the
-  command and its wall time are in docs/proxyless.md).
+* ``cpu``: N = 1 block per stage, alpha = 0 (width 16 everywhere), stem 16, on 256 / 512 / 256
+  images, batch 32, T = 3, the prior calibrated for 16 switch steps per epoch (see the variant's
+  comments); for a 2-core CPU (the command and its wall time are in docs/proxyless.md).
 * ``tiny``: the ``tree_tiny`` space (6 searched edges) on 3 blocks of width 8, 8 + 8 + 8 images of
   the lossless subset: smoke tests and CI.
 """
@@ -59,15 +59,38 @@ def get_config(arg=None):
   if arg in (None, ""):
     return config
   if arg == "cpu":
+    # Speed: 3 blocks of width 16 (no widening) = 3 distinct block shapes, each block's 12
+    # searched edges one scanned body (models/tree_supernet.py); compile the evaluation and the
+    # curvature pass (and, after a prune, the next train step) in background threads.
     config.model.num_cells = 1
-    config.model.alpha = 12.0
+    config.model.alpha = 0.0
+    config.search.compile_ahead = True
     config.data.splits.warmup = 256
     config.data.splits.search = 512
     config.data.splits.val = 256
-    config.search.iterations = 2
+    config.search.iterations = 3
     config.search.batch_size = 32
     config.search.eval_batch_size = 128
     config.curvature.num_batches = 2
+    config.curvature.batch_size = 16
+    # Calibration of the prior for 3 search epochs of 16 switch steps (the GPU search has ~600
+    # per epoch). With the defaults (switch lr 0.1, lambda 0.01 for both kinds) the switches move
+    # by ~0.05 per epoch and the gammas of all 96 groups stay within a factor ~2 of each other
+    # after T = 2 (no group below 0.1 of the median: nothing pruned). So:
+    # * switch_lr x 8: the penalty's curvature-weighted shrinkage (lambda * omega per step, omega
+    #   from the curvature) and the data gradient act over 16 steps as over ~130; their balance
+    #   (lambda * omega ~ the data gradient per switch) is unchanged;
+    # * lambda_origin = lambda_op / 2: an origin switch scales its edge's 7 candidates and its
+    #   subtree, so its curvature is ~10-100x an op's and its omega saturates at
+    #   sqrt(n / gamma); at the op lambda it shrinks fastest and, through the series variance
+    #   that caps every op's gamma at its origin's, would flatten the op gammas of its edge;
+    # * prune_threshold = 0.2 of the median live gamma (per kind): replaying the prior update on
+    #   the curvature and switches of a default-calibrated run predicts no pruning at t = 1 and
+    #   ~6 op groups (the pools and identity, whose curvature and omega are the largest) at t = 2.
+    config.search.switch_lr = 0.8
+    config.bayes.lambda_origin = 0.005
+    config.bayes.lambda_op = 0.01
+    config.bayes.prune_threshold = 0.2
     config.checkpoint.every_steps = 50
     config.log_every_steps = 10
     return config

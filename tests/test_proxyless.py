@@ -267,14 +267,90 @@ def test_dead_parent_removes_its_subtree_from_the_supernet():
   for path in ("R11", "R111", "R112"):
     np.testing.assert_array_equal(g_sw[idx[path]], 0.0)
   assert float(jnp.abs(g_sw[idx["R121"]]).sum()) > 0
-  flat = flax.traverse_util.flatten_dict(g_p)
-  sub = [k for k in flat if k[0].startswith(("R11_", "R111_", "R112_"))]
-  assert len(sub) > 10 and all(float(jnp.abs(flat[k]).sum()) == 0.0 for k in sub)
+  flat = flax.traverse_util.flatten_dict(g_p["edges"])  # leading axis: the 12 searched edges
+  assert len(flat) > 10
+  for path in ("R11", "R111", "R112"):
+    assert all(float(jnp.abs(g[idx[path]]).sum()) == 0.0 for g in flat.values()), path
+  assert all(float(jnp.abs(g[idx["R121"]]).sum()) > 0 for g in flat.values())
   full_fn = jax.jit(lambda s: full.apply(v, x, train=True, sw=s, mutable=["batch_stats"])[0])
   sw0 = sw.at[idx["R11"], 0].set(0.0)
   a = pruned.apply(v, x, train=True, sw=sw, mutable=["batch_stats"])[0]
   assert not np.allclose(a, full_fn(sw0))  # the unpruned mean still divides R1 by 2 branches
   np.testing.assert_allclose(a, full_fn(sw0.at[idx["R12"], 0].set(2.0)), rtol=2e-4, atol=2e-5)
+
+
+def _reference_cell(variables, x, sw, alive, *, train, c, stride, groups, dw_impl="lax"):
+  """One block's switched tree written edge by edge from the `tree_supernet` docstring:
+  ``z_e = sum_o s[e, 1 + o] * BN0(op_o(x_parent))``, branch ``s[e, 0] * child(z_e)``, node = mean
+  of its live branches, cell = mean of the live root branches; each op applied alone with its row
+  of the stacked parameters (``params['edges'][op][e]``)."""
+  sp = spaces.get_space("tree")
+  tmpl = sp.template
+  live = tree_supernet.live_edges(tmpl, alive)
+  params, stats = variables["params"], variables["batch_stats"]
+  row = lambda t, e: jax.tree.map(lambda a: a[e], t)
+  bc = lambda v: v if v.ndim == 0 else v[:, None, None, None]
+
+  def edge(e, xp):
+    out = 0.0
+    for k, op in enumerate(tree.EDGE_OPS):
+      if alive[e, 1 + k]:
+        y, _ = pn.EdgeOp(op, c, 1, 1, dw_impl, search_bn=True).apply(
+            {"params": row(params["edges"].get(op, {}), e),
+             "batch_stats": row(stats["edges"][op], e)}, xp, train=train, mutable=["batch_stats"])
+        out = out + bc(sw[..., e, 1 + k]) * y
+    return out
+
+  def node(parent, xp):
+    outs = [bc(sw[..., e, 0]) * (edge(e, xp) if tmpl.edges[e].leaf
+                                  else node(tmpl.edges[e].path, edge(e, xp)))
+            for e in tmpl.children(parent) if live[e]]
+    return sum(outs) / len(outs)
+
+  outs = []
+  for j, child in enumerate(tmpl.root_children):
+    if any(live[e] for e in tmpl.children(child)):
+      name = f"R{j + 1}_{tree.ROOT_OP}"
+      u, _ = pn.EdgeOp(tree.ROOT_OP, c, stride, groups, dw_impl).apply(
+          {"params": params[name], "batch_stats": stats[name]}, x, train=train,
+          mutable=["batch_stats"])
+      outs.append(node(child, u))
+  return sum(outs) / len(outs)
+
+
+@pytest.mark.parametrize("pruned_ops,masked", [("skip", False), ("skip", True), ("mask", True)])
+def test_scanned_supernet_cell_equals_the_edge_by_edge_formula(pruned_ops, masked):
+  """The stacked parameters and per-depth scans of `tree_supernet.SupernetCell` compute the
+  edge-by-edge formula (train and eval batch norm, shared and per-example switches, stride 2),
+  unpruned and under a mask with a dead origin, a dead edge, a dead subtree and single dead ops,
+  in both pruned-op formulations; the batch statistics of computed ops are updated alike."""
+  sp = spaces.get_space("tree")
+  idx = _path_index(sp)
+  alive = np.ones((12, 8), bool)
+  if masked:
+    alive[idx["R11"], 0] = False  # top-down: R111, R112 unreached
+    alive[idx["R221"], 1:] = False  # a leaf with no live op
+    alive[idx["R121"], 3] = False  # single ops
+    alive[idx["R22"], 5] = False
+  rows = spaces.freeze_mask({"tree": alive})[0][1] if masked else None
+  cell = tree_supernet.SupernetCell("tree", 4, 2, 2, rows, "lax", pruned_ops)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  sw = jax.random.uniform(jax.random.key(2), (12, 8), minval=0.5, maxval=1.5)
+  v = tree_supernet.SupernetCell("tree", 4, 2, 2, None, "lax").init(jax.random.key(1), x,
+                                                                     train=False, sw=sw)
+  assert v["params"]["edges"]["sep_7x7"]["depthwise"].shape == (12, 7, 7, 4)
+  for train in (False, True):
+    for s in (sw, jnp.stack([sw, 2.0 * sw])):
+      got, new_stats = cell.apply(v, x, train=train, sw=s, mutable=["batch_stats"])
+      want = _reference_cell(v, x, s, alive, train=train, c=4, stride=2, groups=2)
+      assert got.shape == (2, 4, 4, 4)
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  if masked:  # R22's depth-1 edge is live: its batch statistics moved; R111's did not
+    mean = new_stats["batch_stats"]["edges"]["conv_1x1"]["bn"]["mean"]
+    old = v["batch_stats"]["edges"]["conv_1x1"]["bn"]["mean"]
+    assert not np.allclose(mean[idx["R22"]], old[idx["R22"]])
+    if pruned_ops == "skip":
+      np.testing.assert_array_equal(mean[idx["R111"]], old[idx["R111"]])
 
 
 # ---- derivation -----------------------------------------------------------------------------------
