@@ -353,6 +353,15 @@ def test_scanned_supernet_cell_equals_the_edge_by_edge_formula(pruned_ops, maske
       np.testing.assert_array_equal(mean[idx["R111"]], old[idx["R111"]])
 
 
+def test_tree_supernet_needs_the_static_mask_formulations():
+  sp = spaces.get_space("tree")
+  for ok in ("skip", "mask"):
+    assert tree_supernet.create_tree_supernet(sp, 16, 1, 10, alpha=0.0, dw_impl="lax",
+                                              pruned_ops=ok).pruned_ops == ok
+  with pytest.raises(ValueError, match="pruned_ops='zero'"):
+    tree_supernet.create_tree_supernet(sp, 16, 1, 10, alpha=0.0, dw_impl="lax", pruned_ops="zero")
+
+
 # ---- derivation -----------------------------------------------------------------------------------
 
 

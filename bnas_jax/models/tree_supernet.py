@@ -325,9 +325,15 @@ def create_tree_supernet(space: spaces.SearchSpace, init_channels: int, num_cell
   effect (the tree's activations are small enough to store).
 
   Raises:
-    ValueError: bad widths (`pyramidnet.pyramid_widths`) or an unknown `dw_impl`.
+    ValueError: bad widths (`pyramidnet.pyramid_widths`), an unknown `dw_impl`, or a
+      `pruned_ops` other than ``'skip'`` / ``'mask'`` (a formulation without the static mask
+      would average each node over all its template branches, dead ones included: another
+      function).
   """
   del remat
+  if pruned_ops not in ("skip", "mask"):
+    raise ValueError(f"model.pruned_ops={pruned_ops!r} is not supported by the tree supernet; use "
+                     "'skip' or 'mask'")
   pyramidnet.pyramid_widths(num_cells, alpha, groups, init_channels)  # validates
   return TreeSupernet(space.name, int(init_channels), int(num_cells), int(num_classes),
                       float(alpha), int(groups), alive, layers.resolve_dw_impl(dw_impl),
