@@ -96,9 +96,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 500
   c.train.lr = 0.025
   c.train.lr_min = 0.0
-  c.train.lr_schedule = "cosine"  # 'cosine' (per epoch, to lr_min) | 'exponential' (x lr_decay)
+  # 'cosine' (stepped per epoch, to lr_min) | 'cosine_step' (per step, to lr_min) |
+  # 'exponential' (x lr_decay per epoch)
+  c.train.lr_schedule = "cosine"
   c.train.lr_decay = 0.97
   c.train.momentum = 0.9
+  c.train.nesterov = False  # Nesterov momentum (torch SGD(nesterov=True) semantics)
   c.train.weight_decay = 3e-4
   c.train.grad_clip = 5.0  # global-norm clip; <= 0 disables
   c.train.drop_prob = 0.2  # final drop-path / channel-dropout probability
@@ -140,15 +143,21 @@ def create_model(config: ml_collections.ConfigDict,
 
 
 def learning_rate_fn(t: ml_collections.ConfigDict, steps_per_epoch: int) -> Callable:
-  """lr(step): constant within an epoch (torch schedulers stepped per epoch).
+  """lr(step).
 
-  'cosine': ``lr_min + (lr - lr_min) (1 + cos(pi e / epochs)) / 2`` (CosineAnnealingLR);
-  'exponential': ``lr * lr_decay ** e`` (DARTS ImageNet StepLR(1, 0.97)); e = step // steps_per_epoch.
+  'cosine': ``lr_min + (lr - lr_min) (1 + cos(pi e / epochs)) / 2`` (CosineAnnealingLR stepped
+  per epoch, constant within an epoch); 'cosine_step': the same curve over steps,
+  ``lr_min + (lr - lr_min) (1 + cos(pi step / (epochs * steps_per_epoch))) / 2`` (optax's
+  cosine decay; the proxyless retraining recipe); 'exponential': ``lr * lr_decay ** e`` (DARTS
+  ImageNet StepLR(1, 0.97)); e = step // steps_per_epoch.
 
   Raises:
     ValueError: unknown schedule.
   """
   lr, lr_min, epochs = float(t.lr), float(t.lr_min), int(t.epochs)
+  if t.lr_schedule == "cosine_step":
+    return optax.cosine_decay_schedule(lr, epochs * steps_per_epoch,
+                                       alpha=lr_min / lr if lr > 0 else 0.0)
   if t.lr_schedule == "cosine":
     def fn(step):
       e = jnp.floor_divide(step, steps_per_epoch).astype(jnp.float32)
@@ -158,17 +167,20 @@ def learning_rate_fn(t: ml_collections.ConfigDict, steps_per_epoch: int) -> Call
       e = jnp.floor_divide(step, steps_per_epoch).astype(jnp.float32)
       return lr * jnp.power(float(t.lr_decay), e)
   else:
-    raise ValueError(f"config.train.lr_schedule={t.lr_schedule!r}; use 'cosine' or 'exponential'")
+    raise ValueError(f"config.train.lr_schedule={t.lr_schedule!r}; use 'cosine', 'cosine_step' or "
+                     "'exponential'")
   return fn
 
 
 def create_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int):
-  """clip(global norm) -> + wd * params -> SGD momentum (torch SGD semantics, DARTS train.py)."""
+  """clip(global norm) -> + wd * params -> SGD momentum, Nesterov if ``t.nesterov`` (torch SGD
+  semantics, DARTS train.py)."""
   parts = []
   if float(t.grad_clip) > 0:
     parts.append(optax.clip_by_global_norm(float(t.grad_clip)))
   parts.append(optax.add_decayed_weights(float(t.weight_decay)))
-  parts.append(optax.sgd(learning_rate_fn(t, steps_per_epoch), momentum=float(t.momentum)))
+  parts.append(optax.sgd(learning_rate_fn(t, steps_per_epoch), momentum=float(t.momentum),
+                        nesterov=bool(t.get("nesterov", False))))
   return optax.chain(*parts)
 
 
@@ -440,6 +452,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     layers.resolve_dw_impl(config.model.get("dw_impl", "auto"))
   except ValueError as e:
     raise errors.ConfigError(f"config.model.dw_impl: {e}") from None
+  try:
+    learning_rate_fn(config.train, 1)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   if config.model.backbone not in ("cells", "pyramidnet"):
     raise errors.ConfigError(f"config.model.backbone={config.model.backbone!r}; use 'cells' (a "
                              "cell genotype) or 'pyramidnet' (a tree cell)")

@@ -15,7 +15,9 @@ import math
 import os
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bnas_jax import config_files
@@ -53,6 +55,47 @@ def test_schedules_match_closed_form():
   assert float(lr(7 * 10 + 3)) == pytest.approx(0.1 * 0.97 ** 10, rel=1e-5)
   assert train_eval.drop_prob_at(t, 300) == pytest.approx(0.1)
   assert train_eval.drop_prob_at(t, 0) == 0.0
+  # Per-step cosine (proxyless recipe): the same curve evaluated at every step, to lr_min.
+  ts = train_eval.default_config().train
+  ts.lr_schedule, ts.lr, ts.lr_min, ts.epochs = "cosine_step", 0.1, 0.001, 6
+  lr = train_eval.learning_rate_fn(ts, steps_per_epoch=10)
+  for step in (0, 1, 9, 10, 31, 59, 60):
+    want = 0.001 + 0.5 * (0.1 - 0.001) * (1 + math.cos(math.pi * step / 60))
+    assert float(lr(step)) == pytest.approx(want, rel=1e-5)
+  ts.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="cosine_step"):
+    train_eval.learning_rate_fn(ts, 10)
+
+
+def test_nesterov_matches_torch_sgd_semantics():
+  # torch.optim.SGD(momentum=mu, nesterov=True, weight_decay=wd), written out by hand:
+  # g' = g + wd p; b = mu b + g' (b = g' at the first step); p -= lr (g' + mu b).
+  t = train_eval.default_config().train
+  t.lr_schedule, t.lr, t.lr_min, t.epochs, t.momentum, t.weight_decay, t.grad_clip = (
+      "cosine_step", 0.1, 0.0, 1, 0.9, 1e-2, 0.0)
+  t.nesterov = True
+  steps = 4
+  tx = train_eval.create_optimizer(t, steps_per_epoch=steps)
+  rng = np.random.default_rng(0)
+  p = jnp.asarray(rng.normal(size=5), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=5), jnp.float32) for _ in range(steps)]
+  state, params = tx.init(p), p
+  ref, buf = np.asarray(p, np.float64), None
+  for k, g in enumerate(grads):
+    upd, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, upd)
+    lr_k = 0.5 * 0.1 * (1 + math.cos(math.pi * k / steps))
+    gd = np.asarray(g, np.float64) + 1e-2 * ref
+    buf = gd if buf is None else 0.9 * buf + gd
+    ref = ref - lr_k * (gd + 0.9 * buf)
+  np.testing.assert_allclose(params, ref, rtol=1e-5)
+  t.nesterov = False  # plain momentum differs
+  tx = train_eval.create_optimizer(t, steps_per_epoch=steps)
+  state, plain = tx.init(p), p
+  for g in grads:
+    upd, state = tx.update(g, state, plain)
+    plain = optax.apply_updates(plain, upd)
+  assert not np.allclose(plain, ref, rtol=1e-3)
 
 
 def test_experiment_configs_follow_the_protocols():
