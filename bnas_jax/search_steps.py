@@ -174,6 +174,10 @@ def train_step(state, acc, batch, update_switches, *, model, tx_w, tx_s, lambda_
 
   (_, (nll, pen, new_bs, correct)), (g_w, g_s) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state["params"], state["switches"])
+  # A pruned switch's gradient: 0 where the model skips or masks pruned ops; with
+  # ``model.pruned_ops='zero'`` (pruned ops computed, their switch 0) <grad, op output>, set to 0
+  # here so that every formulation has the same switch momentum and gradient norm.
+  g_s = bayes.apply_mask(g_s, prior.alive)
   upd_w, opt_w = tx_w.update(g_w, state["opt_w"], state["params"])
   upd_s, opt_s = tx_s.update(g_s, state["opt_s"], state["switches"], alive=prior.alive)
   switches = optax.apply_updates(state["switches"], upd_s)
@@ -227,6 +231,9 @@ def prior_update(prior, switches, h, *, hard_prior: bayes.HardPrior):
   Returns:
     ``(new prior, new switches)``.
   """
+  # The curvature of pruned groups is 0 where the model skips or masks pruned ops; with
+  # ``model.pruned_ops='zero'`` it is not, and is set to 0 so that every formulation updates alike.
+  h = bayes.apply_mask(h, prior.alive)
   switches, prior = hard_prior.update(h, prior, switches)
   return prior, switches
 
@@ -281,6 +288,8 @@ class StepKey:
     frozen = None if alive is None else spaces.freeze_mask(alive)
     if frozen is not None and all(all(row) for _, rows in frozen for row in rows):
       frozen = None  # the full supernet: share the warm-up compilation
+    if config.model.get("pruned_ops", "skip") == "zero":
+      frozen = None  # the mask is not part of the program: every mask shares the full one
     s, b = config.search, config.bayes
     return cls(
         space=config.space, model_options=_model_options(config), num_classes=int(num_classes),

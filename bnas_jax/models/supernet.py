@@ -181,7 +181,7 @@ class EdgeOps(nn.Module):
 
 
 EDGE_LOOPS = ("scan", "unroll")
-PRUNED_OPS = ("skip", "mask")
+PRUNED_OPS = ("skip", "mask", "zero")
 
 
 def check_loop_options(edge_loop: str, pruned_ops: str) -> None:
@@ -268,7 +268,7 @@ class Cell(nn.Module):
     topo = sp.cells[self.cell_type]
     n_e, n_k = sp.group_shape(self.cell_type)
     init = self.is_initializing()
-    alive = (np.ones((n_e, n_k), bool) if init or self.alive is None
+    alive = (np.ones((n_e, n_k), bool) if init or self.alive is None or self.pruned_ops == "zero"
              else np.array(self.alive, bool))
     if alive.shape != (n_e, n_k):
       raise ValueError(f"alive mask for {self.cell_type!r} has shape {alive.shape}, expected "
@@ -386,7 +386,11 @@ class Supernet(nn.Module):
       a cell phase that keep different op sets get one loop each per (target node, kept ops),
       which multiplies the compile time; ``'mask'`` keeps one loop per phase over the ops kept
       on any of its edges and multiplies the pruned ones by 0 (compiles like the full supernet,
-      computes more).
+      computes more); ``'zero'`` ignores `alive` altogether: the program is the full supernet's,
+      so a new mask compiles nothing, and a pruned op or edge contributes nothing because its
+      switch is exactly 0 (the search zeroes pruned switches, `bayes.apply_mask`). It computes
+      every op at every step; on a CPU, where each pruned supernet costs minutes of compilation,
+      it makes a short search start and finish much sooner (docs/performance.md).
     remat: recompute each edge's forward pass in the backward pass (`jax.checkpoint` of the
       edge, saving nothing but its input) instead of storing its activations. Same function and
       gradients. On CPU, where the step is bound by the memory traffic of stored activations,
@@ -424,7 +428,8 @@ class Supernet(nn.Module):
       if got != shp and not (len(got) == 4 and got[1:] == shp and got[0] == images.shape[0]):
         raise ValueError(f"switches[{t!r}] has shape {got}, expected {shp} or "
                          f"{(images.shape[0], *shp)} (per-example)")
-    alive = dict(self.alive) if self.alive is not None else {}
+    # pruned_ops='zero': the mask is not part of the program (the pruned switches are 0).
+    alive = dict(self.alive) if self.alive is not None and self.pruned_ops != "zero" else {}
 
     def cell_sw(t, c):
       s = switches[t]
@@ -491,6 +496,9 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
       raise ValueError(f"alive mask names cell types {sorted(unknown)} not in space {sp.name!r}")
   check_loop_options(kw.get("edge_loop", "scan"), kw.get("pruned_ops", "skip"))
   if tree_lib.is_tree_space(sp):  # PyramidNet with a switched tree cell (models/tree_supernet.py)
+    if kw.get("pruned_ops") == "zero":
+      raise ValueError(f"pruned_ops='zero' applies to the cell spaces; space {sp.name!r} is a "
+                       "tree space: use 'skip' or 'mask'")
     if kw.pop("param_free_bn", False):
       raise ValueError(f"param_free_bn=True applies to the cell spaces; space {sp.name!r} is a "
                        "tree space: set it False")
