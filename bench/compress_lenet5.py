@@ -6,6 +6,8 @@ export code (compression spec 7.1), in one run directory per point under ``--roo
 
 * ``bayesnas``: the HARD-prior outer loop, one run per lambda of ``--bayes_lams``;
 * ``group_lasso`` (B1): omega = 1 on the same switches, one run per lambda of ``--gl_lams``;
+  both with ``compress.cost_weighting = --cost_weighting`` (``macs``: each group's lambda
+  proportional to its MAC cost, the same weighting for both);
 * ``l1_filter`` (B2): L1-norm pruning of a fraction ``r`` of every layer, ``--ratios``, then
   fine-tuning for the whole budget;
 * ``random`` (B3): the per-layer counts of the selected BayesNAS point with random units.
@@ -55,6 +57,9 @@ flags.DEFINE_list("bayes_lams", ["0.0003", "0.0006", "0.001", "0.002", "0.003", 
                   "BayesNAS lambdas.")
 flags.DEFINE_list("gl_lams", ["0.0003", "0.0006", "0.001", "0.002", "0.003", "0.006"],
                   "Group-lasso (B1) lambdas.")
+flags.DEFINE_enum("cost_weighting", "none", ["none", "macs", "weights"],
+                  "compress.cost_weighting of the BayesNAS and group-lasso runs (per-group lambda "
+                  "proportional to the group's MAC or weight cost; L1-norm and random ignore it).")
 flags.DEFINE_list("ratios", ["0.2", "0.3", "0.4", "0.5", "0.7"], "L1-norm (B2) pruned fractions.")
 flags.DEFINE_integer("seed", 0, "Seed of every run (network init, data order).")
 flags.DEFINE_float("tolerance", 0.2, "Selection: validation error within this many points of "
@@ -209,10 +214,12 @@ def main(argv):
   rows = []
   for lam in FLAGS.bayes_lams:
     rows.append(_run(f"bayesnas_lam{lam}", method="bayesnas", pretrained_dir=pretrained,
-                     **{"compress.lam": float(lam)}))
+                     **{"compress.lam": float(lam),
+                        "compress.cost_weighting": FLAGS.cost_weighting}))
   for lam in FLAGS.gl_lams:
     rows.append(_run(f"group_lasso_lam{lam}", method="group_lasso", pretrained_dir=pretrained,
-                     **{"compress.lam": float(lam)}))
+                     **{"compress.lam": float(lam),
+                        "compress.cost_weighting": FLAGS.cost_weighting}))
   for r in FLAGS.ratios:
     rows.append(_run(f"l1_filter_r{r}", method="l1_filter", pretrained_dir=pretrained,
                      **{"baseline.ratio": float(r)}))

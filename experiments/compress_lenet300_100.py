@@ -23,4 +23,8 @@ def get_config(arg=None):
                      "or cpu")
   c = config_files.load_sibling(__file__, "compress_lenet5").get_config(variant)
   c.model.name = "lenet300_100"
+  if variant == "cpu":
+    # posterior prune rule: lambda 1e-3 left 165-153-95-10 at val 5.4 % (dense 4.6 %); 3e-4 keeps
+    # 260-239-96-10 (CR_w 3.1) at val 4.2 %, test 4.4 % (one run, seed 0).
+    c.compress.lam = 3e-4
   return c

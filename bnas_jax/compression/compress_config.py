@@ -10,6 +10,7 @@ from bnas_jax import errors
 from bnas_jax import run_lib
 from bnas_jax.compression import baselines
 from bnas_jax.compression import export
+from bnas_jax.compression import groups
 from bnas_jax.compression import networks
 from bnas_jax.compression import train
 from bnas_jax.data import dataset as dataset_lib
@@ -64,6 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
   # 'gamma': prune on the gamma threshold and |s| < eps_s only; 'posterior': also when the Laplace
   # posterior of the switch does not exclude 0 at one standard deviation (train.prior_step).
   c.compress.prune_rule = "posterior"
+  # Per-group strength lambda_g = lambda m_g with m_g the group's MAC ('macs') or weight
+  # ('weights') cost over the mean group cost (groups.cost_weights); for bayesnas and group_lasso
+  # alike. 'none': one lambda for every group.
+  c.compress.cost_weighting = "none"
   c.compress.eps_s = 1e-2  # |s| < eps_s: dead (Adam steps of 1e-2 hover around 0)
   c.compress.curvature = "ggn_fast"
   c.compress.curvature_batches = 20  # M
@@ -118,6 +123,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if c.compress.prune_rule not in train.PRUNE_RULES:
     raise errors.ConfigError(f"config.compress.prune_rule={c.compress.prune_rule!r}; choose one "
                              f"of {train.PRUNE_RULES}")
+  if c.compress.cost_weighting not in groups.COST_WEIGHTINGS:
+    raise errors.ConfigError(f"config.compress.cost_weighting={c.compress.cost_weighting!r}; "
+                             f"choose one of {groups.COST_WEIGHTINGS}")
   if not 0.0 <= float(c.baseline.ratio) < 1.0:
     raise errors.ConfigError(f"config.baseline.ratio={c.baseline.ratio} must be in [0, 1)")
   if c.method == "random":

@@ -186,3 +186,78 @@ def propagate(arch: networks.Arch, masks: Mapping[str, np.ndarray]) -> dict[str,
 def kept_counts(arch: networks.Arch, masks: Mapping[str, np.ndarray]) -> dict[str, int]:
   """Live units per layer name."""
   return {k: int(np.sum(v)) for k, v in masks.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Group costs (cost-aware sparsity, ``compress.cost_weighting``).
+
+COST_WEIGHTINGS = ("none", "macs", "weights")
+
+
+def group_costs(arch: networks.Arch, kind: str) -> dict[str, np.ndarray]:
+  """``{tau: f64[E, K]}``: the marginal cost of each group at the dense widths.
+
+  The cost of a group is the partial derivative of `networks.count`'s ``kind`` (``'macs'`` or
+  ``'weights'``) with respect to the width its switch controls, the other switch-controlled widths
+  held fixed (the FLOPs-aware L0 / cost-weighted group-lasso convention): the unit's own incoming
+  weights (times the output positions for MACs) plus the slice of its consumer that reads it.
+
+  * ``conv{i}`` channel: ``k_i^2 C_{i-1}`` (x ``H_i W_i``) plus, when conv ``i + 1`` follows,
+    ``k_{i+1}^2 C_{i+1}`` (x ``H_{i+1} W_{i+1}``); the last conv's channel with ``P = 1`` is also
+    the ``fc1`` input, so it adds ``fc1``'s width; with ``P > 1`` (LeNet-5) its ``fc1`` inputs are
+    its children and carry that cost themselves;
+  * an ``fc1`` input (child column or ``'fc1_in'`` pixel): ``fc1``'s width;
+  * ``fc{j}`` neuron: its fan-in plus the width of the next FC layer (or the logits).
+
+  Biases and batch norm are not counted (the ``weights`` and ``macs`` of `networks.count`).
+
+  Raises:
+    ValueError: an unknown `kind`.
+  """
+  if kind not in ("macs", "weights"):
+    raise ValueError(f"cost kind must be 'macs' or 'weights', got {kind!r}")
+  _check_full(arch)
+  shapes = switch_shapes(arch)
+  macs = kind == "macs"
+  outs = arch.conv_output_shapes()
+  first_fc = arch.dense[0] if arch.dense else arch.num_classes
+  p = flatten_positions(arch)
+  out = {}
+  c_in = arch.input_shape[2]
+  for i, (layer, (ho, wo, _)) in enumerate(zip(arch.convs, outs)):
+    own = layer.kernel ** 2 * c_in * (ho * wo if macs else 1)
+    if i + 1 < len(arch.convs):
+      nxt, (hn, wn, _) = arch.convs[i + 1], outs[i + 1]
+      consumer = nxt.kernel ** 2 * nxt.features * (hn * wn if macs else 1)
+    else:
+      consumer = first_fc if p == 1 else 0
+    _, e, k = shapes[f"conv{i + 1}"]
+    cost = np.full((e, k), float(first_fc))  # children: fc1 inputs
+    cost[:, 0] = own + consumer
+    out[f"conv{i + 1}"] = cost
+    c_in = layer.features
+  if "fc1_in" in shapes:
+    out["fc1_in"] = np.full(shapes["fc1_in"][1:], float(first_fc))
+  fan_in = arch.fc_in
+  widths = arch.dense + (arch.num_classes,)
+  for j, width in enumerate(arch.dense, 1):
+    out[f"fc{j}"] = np.full(shapes[f"fc{j}"][1:], float(fan_in + widths[j]))
+    fan_in = width
+  return out
+
+
+def cost_weights(arch: networks.Arch, weighting: str) -> dict[str, np.ndarray] | None:
+  """``{tau: f32[E, K]}`` group weights ``m_g = cost_g / mean_g cost_g`` (`group_costs`; the mean
+  over all groups, so that ``lambda`` keeps its scale: ``sum_g m_g`` = number of groups), or None
+  for ``'none'``.
+
+  Raises:
+    ValueError: an unknown `weighting`.
+  """
+  if weighting not in COST_WEIGHTINGS:
+    raise ValueError(f"cost_weighting must be one of {COST_WEIGHTINGS}, got {weighting!r}")
+  if weighting == "none":
+    return None
+  costs = group_costs(arch, weighting)
+  mean = np.concatenate([c.reshape(-1) for c in costs.values()]).mean()
+  return {tau: (c / mean).astype(np.float32) for tau, c in costs.items()}

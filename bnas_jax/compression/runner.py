@@ -106,6 +106,9 @@ class _Runner:
     self.first_ft = next((i for i, s in enumerate(self.stages) if s.kind == "finetune"),
                          len(self.stages))
     self.reweight = config.method == "bayesnas"
+    # Per-group weights m (lambda_g = lambda m_g) for the penalty methods; None = unweighted.
+    self.cost = (groups.cost_weights(self.arch, config.compress.cost_weighting)
+                 if config.method in ("bayesnas", "group_lasso") else None)
 
   # -- state -----------------------------------------------------------------------------------
 
@@ -209,7 +212,7 @@ class _Runner:
     lam = (train.lambda_at(stage.index, int(c.compress.iterations), float(c.compress.lam),
                            float(c.compress.lambda_ramp)) if kind == "compress" else 0.0)
     if kind == "compress":
-      omega = train.sparsity_penalty_omega(state["prior"], self.reweight)
+      omega = train.sparsity_penalty_omega(state["prior"], self.reweight, self.cost)
       alive = state["prior"].alive
       ts = state["train"]
     else:  # pretraining (switches all 1) or fine-tuning (exported net): no switches
@@ -304,6 +307,8 @@ class _Runner:
     lam = train.lambda_at(1, int(c.compress.iterations), float(c.compress.lam),
                           float(c.compress.lambda_ramp))
     h = self._curvature(ts, prior, 0)
+    if self.cost is not None:
+      h = train.cost_scaled_curvature(h, self.cost)
     prior = bayes.update(prior, ts.switches, h, lambda_origin=lam, lambda_op=lam,
                          prune_threshold=0.0)
     omega = np.concatenate([np.asarray(w).reshape(-1) for w in prior.omega.values()])
@@ -323,7 +328,7 @@ class _Runner:
     prior = train.prior_step(prior, ts.switches, h, lam=lam,
                              prune_threshold=float(c.compress.prune_threshold),
                              eps_s=float(c.compress.eps_s), reweight=self.reweight,
-                             prune_rule=c.compress.prune_rule)
+                             prune_rule=c.compress.prune_rule, cost=self.cost)
     masks = groups.unit_masks(self.arch, prior.alive)
     try:
       masks = groups.propagate(self.arch, masks)
@@ -386,6 +391,7 @@ class _Runner:
     dense = networks.count(self.arch)
     result = {"method": c.method, "seed": int(c.seed), "test_err": test["error"],
               "val_err": val["error"], "lambda": float(c.compress.lam),
+              "cost_weighting": c.compress.cost_weighting,
               "ratio": float(c.baseline.ratio), "collapsed": str(error),
               "kept_structure": "collapsed", "weights_dense": dense["weights"], "weights_kept": 0,
               "params_dense": dense["params"], "params_kept": 0, "macs_dense": dense["macs"],
@@ -413,6 +419,7 @@ class _Runner:
     val = train.evaluate(eval_step, ts, alive, data.val_x, data.val_y, data)
     result = {"method": c.method, "seed": int(c.seed), "test_err": test["error"],
               "val_err": val["error"], "lambda": float(c.compress.lam),
+              "cost_weighting": c.compress.cost_weighting,
               "ratio": float(c.baseline.ratio),
               "epochs_total": int(sum(s.epochs for s in self.stages if s.kind != "pretrain")),
               "cr_bits": None, **export.metrics(self.arch, arch), "history": history}

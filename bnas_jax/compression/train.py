@@ -391,7 +391,8 @@ def _hierarchy(alive: Mapping[str, Array]) -> dict[str, Array]:
 
 def prior_step(prior: bayes.HardPriorState, switches: Mapping[str, Array], h: Mapping[str, Array],
                *, lam: float, prune_threshold: float, eps_s: float, reweight: bool = True,
-               prune_rule: str = "gamma") -> bayes.HardPriorState:
+               prune_rule: str = "gamma",
+               cost: Mapping[str, Array] | None = None) -> bayes.HardPriorState:
   """Spec 3.2 steps 3-4 with `bayes.update`: switches with ``|s| < eps_s`` die first, then the
   Laplace update, the relative gamma threshold (per layer and switch kind) and the hierarchy.
 
@@ -404,6 +405,26 @@ def prior_step(prior: bayes.HardPriorState, switches: Mapping[str, Array], h: Ma
   optimiser to drive its switch below ``eps_s``.
 
   ``reweight=False`` (baseline B1, plain group lasso) keeps omega at 1 and prunes on ``|s|`` only.
+
+  ``cost`` ``{tau: f32[E, K]}`` (positive; `groups.cost_weights`, ``compress.cost_weighting``):
+  a per-group strength ``lambda_g = lambda m_g`` (a cost-aware penalty, as in FLOPs-aware L0 or
+  cost-weighted group lasso), realised with the scalar-lambda `bayes.update` / `bayes.penalty`
+  (spec 3.1 objective, spec 3.2 step 3 update, spec 3.4 units). Derivation, per group ``g``:
+
+  * prior update: `bayes.update` only sees lambda through ``H_g = max(h_g, 0) / lambda_g``. With
+    ``lambda_g = lambda m_g`` and ``m_g > 0``, ``max(h_g, 0) / (lambda m_g) = max(h_g / m_g, 0) /
+    lambda``, so passing ``h / m`` with the scalar lambda gives the same ``H_g``, hence the same
+    posterior variance ``C_g = gamma_g / (1 + gamma_g H_g)``, ``omega_g = max(sqrt(H_g / (1 +
+    gamma_g H_g)), eps)``, ``gamma_g = ||S_g|| / omega_g`` (the children's in series with their
+    parent's), the same relative gamma threshold and hierarchy, the same posterior rule
+    ``s_g^2 < C_g`` (i.e. ``|s_g| omega_g + s_g^2 h_g / (lambda m_g) < 1``: a unit dies when its
+    saliency per unit cost ``s_g^2 h_g / m_g`` is below about lambda) and the same stored
+    ``curvature`` ``H``. This is done here;
+  * penalty: ``sum_g lambda_g omega_g |s_g| = lambda sum_g (m_g omega_g) |s_g|``, so the scalar
+    penalty with ``m omega`` in place of omega is exact (`sparsity_penalty_omega`), for BayesNAS
+    and for plain group lasso (omega = 1: ``lambda sum_g m_g |s_g|``).
+
+  Plain group lasso (``reweight=False``) uses no curvature, so `cost` only enters its penalty.
   """
   if prune_rule not in PRUNE_RULES:
     raise ValueError(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
@@ -412,6 +433,8 @@ def prior_step(prior: bayes.HardPriorState, switches: Mapping[str, Array], h: Ma
   if not reweight:
     return prior._replace(alive=_hierarchy(alive), count=prior.count + 1)
   prior = prior._replace(alive=alive)
+  if cost is not None:
+    h = cost_scaled_curvature(h, cost)
   prior = bayes.update(prior, switches, h, lambda_origin=lam, lambda_op=lam,
                        prune_threshold=prune_threshold, prune_mode="relative")
   if prune_rule == "posterior":
@@ -425,9 +448,21 @@ def prior_step(prior: bayes.HardPriorState, switches: Mapping[str, Array], h: Ma
   return prior
 
 
-def sparsity_penalty_omega(prior: bayes.HardPriorState, reweight: bool) -> dict[str, Array]:
-  """omega used by the penalty: the prior's (BayesNAS) or all ones (plain group lasso, B1)."""
-  if reweight:
-    return prior.omega
-  return {tau: jnp.ones_like(w) for tau, w in prior.omega.items()}
+def cost_scaled_curvature(h: Mapping[str, Array], cost: Mapping[str, Array]) -> dict[str, Array]:
+  """``h / m`` per group (``{tau: f32[1, E, K]}`` over ``{tau: f32[E, K]}``): the curvature that,
+  with the scalar lambda, gives `bayes.update` the per-group ``lambda_g = lambda m_g``
+  (`prior_step`)."""
+  return {tau: jnp.asarray(v) / jnp.asarray(cost[tau], jnp.asarray(v).dtype)[None]
+          for tau, v in h.items()}
+
+
+def sparsity_penalty_omega(prior: bayes.HardPriorState, reweight: bool,
+                           cost: Mapping[str, Array] | None = None) -> dict[str, Array]:
+  """omega used by the penalty: the prior's (BayesNAS) or all ones (plain group lasso, B1),
+  times the group weights ``m`` when `cost` is given (``lambda sum_g m_g omega_g |s_g|``, the
+  per-group ``lambda_g = lambda m_g`` of `prior_step`)."""
+  omega = prior.omega if reweight else {tau: jnp.ones_like(w) for tau, w in prior.omega.items()}
+  if cost is None:
+    return omega
+  return {tau: w * jnp.asarray(cost[tau], jnp.asarray(w).dtype) for tau, w in omega.items()}
 
