@@ -141,3 +141,27 @@ def test_unit_cost_is_the_unweighted_step():
     x, y = train.sparsity_penalty_omega(a, reweight), train.sparsity_penalty_omega(a, reweight, ones)
     for tau in x:
       np.testing.assert_array_equal(np.asarray(x[tau]), np.asarray(y[tau]))
+
+
+def test_tiny_runs_with_mac_weighting_and_bad_value_is_named(shared_dir, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from bnas_jax import config_files  # pylint: disable=g-import-not-at-top
+  from bnas_jax import errors  # pylint: disable=g-import-not-at-top
+  from bnas_jax.compression import runner  # pylint: disable=g-import-not-at-top
+  exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                     "compress_lenet5.py")
+  c = config_files.load(exp).get_config("tiny")
+  c.data.data_dir = os.path.join(shared_dir, "data", "mnist-t10k")
+  c.compress.cost_weighting = "flops"
+  with pytest.raises(errors.ConfigError, match="cost_weighting"):
+    runner.run(c, str(tmp_path / "bad"))
+  for method in ("bayesnas", "group_lasso"):
+    # MAC weights put 10-30x lambda on the conv filters: the tiny lambda / 10 (as benchmark (a)).
+    c.method, c.compress.cost_weighting, c.compress.lam = method, "macs", 3e-4
+    workdir = str(tmp_path / method)
+    runner.run(c, workdir)
+    with open(os.path.join(workdir, runner.RESULT_JSON)) as f:
+      result = json.load(f)
+    assert result["cost_weighting"] == "macs"
+    assert 0 < result["macs_kept"] <= result["macs_dense"]
