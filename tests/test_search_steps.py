@@ -15,6 +15,7 @@ from bnas_jax import search_steps
 from bnas_jax.data import sharding
 from bnas_jax.search_space import spaces
 
+
 def _config(pruned_ops):
   config = search.default_config()
   config.space = "bayesnas"
