@@ -180,28 +180,19 @@ def _table(rows, dense, selected, selected_macs) -> str:
                  f"{r['test_err']:.2f} | {r['weights_kept']:,} | {r['cr_w']:.1f} | "
                  f"{r['macs_kept']:,} | {r['macs_ratio']:.2f} | "
                  f"{'' if cpu is None else f'{cpu:.0f}'} |")
-  sel = ["", f"Selected per method (smallest kept weights with val error <= dense "
-         f"{dense['val_err']:.2f} + {FLAGS.tolerance}):", "",
-         "| method | kept structure | test err | weights kept | CR_w | MACs kept | MAC ratio |",
-         "|---|---|---|---|---|---|---|"]
-  for method, r in selected.items():
-    if r is None:
-      sel.append(f"| {method} | none within tolerance | | | | | |")
-    else:
-      sel.append(f"| {method} | {r['kept_structure']} | {r['test_err']:.2f} | "
-                 f"{r['weights_kept']:,} | {r['cr_w']:.1f} | {r['macs_kept']:,} | "
-                 f"{r['macs_ratio']:.2f} |")
-  sel += ["", f"Selected per method by MACs (smallest kept MACs with val error <= dense "
-          f"{dense['val_err']:.2f} + {FLAGS.tolerance}):", "",
-          "| method | kept structure | test err | weights kept | CR_w | MACs kept | MAC ratio |",
-          "|---|---|---|---|---|---|---|"]
-  for method, r in selected_macs.items():
-    if r is None:
-      sel.append(f"| {method} | none within tolerance | | | | | |")
-    else:
-      sel.append(f"| {method} | {r['kept_structure']} | {r['test_err']:.2f} | "
-                 f"{r['weights_kept']:,} | {r['cr_w']:.1f} | {r['macs_kept']:,} | "
-                 f"{r['macs_ratio']:.2f} |")
+  sel = []
+  for by, picked in (("weights", selected), ("MACs", selected_macs)):
+    sel += ["", f"Selected per method{'' if by == 'weights' else ' by MACs'} (smallest kept {by} "
+            f"with val error <= dense {dense['val_err']:.2f} + {FLAGS.tolerance}):", "",
+            "| method | kept structure | test err | weights kept | CR_w | MACs kept | MAC ratio |",
+            "|---|---|---|---|---|---|---|"]
+    for method, r in picked.items():
+      if r is None:
+        sel.append(f"| {method} | none within tolerance | | | | | |")
+      else:
+        sel.append(f"| {method} | {r['kept_structure']} | {r['test_err']:.2f} | "
+                   f"{r['weights_kept']:,} | {r['cr_w']:.1f} | {r['macs_kept']:,} | "
+                   f"{r['macs_ratio']:.2f} |")
   return (head + "\n".join(lines) + "\n" + "\n".join(sel) + "\n\n"
           + _verdict(selected, selected_macs))
 

@@ -25,18 +25,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-try:
-  import torch
-  from torch import nn
-  from torch.nn import functional as F
-except ImportError:
-  if __name__ == "__main__":  # `make bench` runs every script; PyTorch is optional
-    print("torch_bayesnas_reference: PyTorch is not installed (not a bnas_jax dependency); "
-          "`pip install torch` in a separate environment to run this reference")
-    raise SystemExit(0)
-  raise
+import torch_step_timer
+
+torch, nn, F = torch_step_timer.require_torch("torch_bayesnas_reference")
 
 OPS = ("sep3", "sep5", "dil3", "dil5", "max", "avg", "ident")
 # (source, target) of the 8 edges, nodes 0, 1 = the preprocessed inputs (k-2, k-1), in the
@@ -157,24 +149,10 @@ class Supernet(nn.Module):
 def time_step(steps, channels_last, batch, c, cells):
   torch.manual_seed(0)
   model = Supernet(c, cells)
-  x = torch.randn(batch, 3, 32, 32)
-  y = torch.randint(0, 10, (batch,))
-  if channels_last:
-    model = model.to(memory_format=torch.channels_last)
-    x = x.to(memory_format=torch.channels_last)
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-  times = []
-  for i in range(steps + 1):  # the first step is a warm-up
-    t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    if i >= 1:
-      times.append(time.perf_counter() - t0)
-  n_weights = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("switches"))
+  times = torch_step_timer.step_times(model, steps, 1, channels_last, batch)  # 1 warm-up step
   n_switches = sum(p.numel() for p in model.switches.parameters())
-  return statistics.median(times), min(times), n_weights, n_switches
+  return (statistics.median(times), min(times), torch_step_timer.weight_count(model),
+          n_switches)
 
 
 def main(argv=None):

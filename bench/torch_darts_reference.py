@@ -21,18 +21,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-try:
-  import torch
-  from torch import nn
-  from torch.nn import functional as F
-except ImportError:
-  if __name__ == "__main__":  # `make bench` runs every script; PyTorch is optional
-    print("torch_darts_reference: PyTorch is not installed (not a bnas_jax dependency); "
-          "`pip install torch` in a separate environment to run this reference")
-    raise SystemExit(0)
-  raise
+import torch_step_timer
+
+torch, nn, F = torch_step_timer.require_torch("torch_darts_reference")
 
 OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
        "dil_conv_3x3", "dil_conv_5x5")
@@ -161,23 +153,8 @@ class Supernet(nn.Module):
 def time_step(ops, steps, channels_last, batch=32, c=8, cells=5):
   torch.manual_seed(0)
   model = Supernet(ops, c, cells)
-  x = torch.randn(batch, 3, 32, 32)
-  y = torch.randint(0, 10, (batch,))
-  if channels_last:
-    model = model.to(memory_format=torch.channels_last)
-    x = x.to(memory_format=torch.channels_last)
-  opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-  times = []
-  for i in range(steps + 2):
-    t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
-  n_weights = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("switches"))
-  return statistics.median(times), n_weights
+  times = torch_step_timer.step_times(model, steps, 2, channels_last, batch)
+  return statistics.median(times), torch_step_timer.weight_count(model)
 
 
 def main(argv=None):

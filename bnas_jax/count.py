@@ -165,6 +165,11 @@ flags.DEFINE_float("alpha", 84.0, "Tree cells: the PyramidNet's additive widenin
 flags.DEFINE_integer("groups", 2, "Tree cells: groups of the PyramidNet's grouped convs.")
 
 
+def _print_multiply_adds(c: dict[str, int]) -> None:
+  print(f"multiply-adds per image: {c['multiply_adds']:,} ({c['multiply_adds'] / 1e6:.1f} M; "
+        "conv + linear weights x output positions, see the module docstring)")
+
+
 def _is_tree_cell(spec: str) -> bool:
   from bnas_jax.search_space import tree as tree_lib  # pylint: disable=g-import-not-at-top
   return spec in tree_lib.NAMED_TREE_CELLS or (os.path.isfile(spec)
@@ -187,8 +192,7 @@ def _main_tree_cell() -> None:
   print(f"tree cell: {FLAGS.genotype}, PyramidNet N={n} blocks per stage, alpha={FLAGS.alpha:g}, "
         f"groups={FLAGS.groups}, CIFAR-10")
   print(f"params: {c['params']:,} ({c['params'] / 1e6:.3f} M)")
-  print(f"multiply-adds per image: {c['multiply_adds']:,} ({c['multiply_adds'] / 1e6:.1f} M; "
-        "conv + linear weights x output positions, see the module docstring)")
+  _print_multiply_adds(c)
 
 
 def main(argv):
@@ -210,8 +214,7 @@ def main(argv):
   print(f"params (without aux head): {c['params']:,} ({c['params'] / 1e6:.3f} M)")
   print(f"aux head params: {c['aux_params']:,}")
   print(f"params with aux head: {c['total']:,}")
-  print(f"multiply-adds per image: {c['multiply_adds']:,} ({c['multiply_adds'] / 1e6:.1f} M; "
-        "conv + linear weights x output positions, see the module docstring)")
+  _print_multiply_adds(c)
   published = PUBLISHED.get((FLAGS.genotype, FLAGS.dataset))
   if published and (FLAGS.init_channels, FLAGS.num_cells) == (None, None):
     print(f"published: {published[0] / 1e6:.0f} M multiply-adds, {published[1] / 1e6:.1f} M "
