@@ -17,7 +17,7 @@ Run::
 
   python -m bnas_jax.main --config experiments/nb201_cifar10.py --workdir /tmp/bnas/nb201_c10
 
-Variants: ``cpu`` (C = 8, 1 cell per stage, 2 warm-up epochs on 5k, T = 2 on 10k, val 2k, batch 64;
+Variants: ``cpu`` (C = 8, 1 cell per stage, 2 warm-up epochs on 5k, T = 4 on 10k, val 2k, batch 64;
 `bench/nb201_seeds.py` runs it over seeds and prints the table the README quotes).
 """
 
@@ -54,15 +54,17 @@ def nb201_config(dataset: str, arg=None):
     return config
   if arg == "cpu":
     # A protocol for a 2-core CPU (bench/nb201_seeds.py runs it over seeds): a small supernet
-    # (C = 8, one cell per stage), 2 warm-up epochs on 5k images, T = 2 iterations of one epoch on
-    # 10k images, val on a disjoint 2k split.
+    # (C = 8, one cell per stage), 2 warm-up epochs on 5k images, T = 4 iterations of one epoch on
+    # 10k images, val on a disjoint 2k split. T = 4 rather than 2: over 5 seeds the mean NB201
+    # validation accuracy of the found cell rises from 89.84 to 90.34 % and two seeds keep the
+    # skip connection on 0->3 (docs/results.md); about 10 min per seed on 2 cores.
     config.model.init_channels = 8
     config.model.num_cells = 1
     config.data.splits.warmup = 5_000
     config.data.splits.search = 10_000
     config.data.splits.val = 2_000
     config.search.warmup_epochs = 2
-    config.search.iterations = 2
+    config.search.iterations = 4
     config.search.batch_size = 64
     config.search.eval_batch_size = 200
     config.curvature.num_batches = 4
