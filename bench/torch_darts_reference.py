@@ -124,21 +124,10 @@ class Supernet(nn.Module):
   def __init__(self, ops, c=8, cells=5, classes=10):
     super().__init__()
     self.stem = nn.Sequential(nn.Conv2d(3, 3 * c, 3, padding=1, bias=False), nn.BatchNorm2d(3 * c))
-    c_pp, c_p, c_cur = 3 * c, 3 * c, c
-    self.cells = nn.ModuleList()
-    red_prev = False
-    n_types = {"normal": 0, "reduce": 0}
-    self.types = []
-    for i in range(cells):
-      red = i in (cells // 3, 2 * cells // 3)
-      if red:
-        c_cur *= 2
-      self.cells.append(Cell(ops, c_pp, c_p, c_cur, red, red_prev))
-      t = "reduce" if red else "normal"
-      self.types.append((t, n_types[t]))
-      n_types[t] += 1
-      red_prev = red
-      c_pp, c_p = c_p, 4 * c_cur
+    plan, n_types, c_p = torch_step_timer.cell_plan(c, cells)
+    self.cells = nn.ModuleList(Cell(ops, p.c_pp, p.c_p, p.c, p.reduction, p.reduction_prev)
+                               for p in plan)
+    self.types = [(p.cell_type, p.index) for p in plan]
     self.switches = nn.ParameterDict({
         t: nn.Parameter(torch.ones(n, 14, 1 + len(ops))) for t, n in n_types.items()})
     self.classifier = nn.Linear(c_p, classes)

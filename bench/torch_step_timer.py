@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import NamedTuple
 
 
 def require_torch(script: str):
@@ -48,3 +49,31 @@ def step_times(model, steps: int, warmup: int, channels_last: bool, batch: int) 
 def weight_count(model) -> int:
   """Parameters of `model` other than its switches."""
   return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("switches"))
+
+
+class CellSpec(NamedTuple):
+  """One cell of the DARTS-style macro structure: input widths C_{k-2}, C_{k-1}, its C, whether it
+  and its predecessor reduce, its type and its index among the cells of that type."""
+  c_pp: int
+  c_p: int
+  c: int
+  reduction: bool
+  reduction_prev: bool
+  cell_type: str
+  index: int
+
+
+def cell_plan(c: int, cells: int) -> tuple[list[CellSpec], dict[str, int], int]:
+  """The cells after a 3C stem (reductions at cells // 3 and 2 cells // 3, C doubled there, 4 nodes
+  concatenated): ``(specs, {cell type: count}, width of the last cell's output)``."""
+  c_pp, c_p, c_cur, red_prev = 3 * c, 3 * c, c, False
+  counts = {"normal": 0, "reduce": 0}
+  specs = []
+  for i in range(cells):
+    red = i in (cells // 3, 2 * cells // 3)
+    c_cur = 2 * c_cur if red else c_cur
+    t = "reduce" if red else "normal"
+    specs.append(CellSpec(c_pp, c_p, c_cur, red, red_prev, t, counts[t]))
+    counts[t] += 1
+    c_pp, c_p, red_prev = c_p, 4 * c_cur, red
+  return specs, counts, c_p

@@ -165,6 +165,15 @@ flags.DEFINE_float("alpha", 84.0, "Tree cells: the PyramidNet's additive widenin
 flags.DEFINE_integer("groups", 2, "Tree cells: groups of the PyramidNet's grouped convs.")
 
 
+def _create_or_exit(factory, *args, **kwargs):
+  """``factory(*args, **kwargs)``; a bad --genotype etc. exits 2 with one line, no traceback."""
+  try:
+    return factory(*args, **kwargs)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"bnas_jax.count: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _print_multiply_adds(c: dict[str, int]) -> None:
   print(f"multiply-adds per image: {c['multiply_adds']:,} ({c['multiply_adds'] / 1e6:.1f} M; "
         "conv + linear weights x output positions, see the module docstring)")
@@ -183,11 +192,8 @@ def _main_tree_cell() -> None:
           "--dataset / --init_channels (use --num_cells, --alpha, --groups)", file=sys.stderr)
     sys.exit(2)
   n = FLAGS.num_cells or 18
-  try:
-    model = pyramidnet.create_pyramidnet(FLAGS.genotype, n, FLAGS.alpha, FLAGS.groups, 10)
-  except ValueError as e:
-    print(f"bnas_jax.count: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  model = _create_or_exit(pyramidnet.create_pyramidnet, FLAGS.genotype, n, FLAGS.alpha,
+                          FLAGS.groups, 10)
   c = count_pyramidnet(model)
   print(f"tree cell: {FLAGS.genotype}, PyramidNet N={n} blocks per stage, alpha={FLAGS.alpha:g}, "
         f"groups={FLAGS.groups}, CIFAR-10")
@@ -201,13 +207,9 @@ def main(argv):
   if _is_tree_cell(FLAGS.genotype):
     _main_tree_cell()
     return
-  try:
-    model = eval_net.create_eval_net(FLAGS.genotype, dataset=FLAGS.dataset,
-                                     init_channels=FLAGS.init_channels, num_cells=FLAGS.num_cells,
-                                     prev_reduce=FLAGS.prev_reduce)
-  except (ValueError, FileNotFoundError) as e:  # bad --genotype etc.: one line, no traceback
-    print(f"bnas_jax.count: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  model = _create_or_exit(eval_net.create_eval_net, FLAGS.genotype, dataset=FLAGS.dataset,
+                          init_channels=FLAGS.init_channels, num_cells=FLAGS.num_cells,
+                          prev_reduce=FLAGS.prev_reduce)
   c = count(model)
   print(f"genotype: {FLAGS.genotype} ({model.family} flavour), dataset: {FLAGS.dataset}, "
         f"C={model.init_channels}, cells={model.num_cells}")
