@@ -13,7 +13,7 @@ Variants (``experiments/compress_lenet5.py:<variant>``):
 * ``tiny``: 400 / 200 images, 1 pretraining epoch, T = 2, 1 fine-tuning epoch: tests and smoke runs.
 
 ``--config.method`` picks BayesNAS (``bayesnas``) or a baseline (``group_lasso``, ``l1_filter``,
-``random``); ``--config.compress.lam`` the sparsity strength (sweep it: bench/compress_lenet5.py).
+``random``); ``--config.compress.lam`` the sparsity strength (sweep it: bench/compress_bench.py).
 
 Run::
 

@@ -125,3 +125,33 @@ def test_config_errors_are_named_before_the_workdir_exists(shared_dir, tmp_path)
   with pytest.raises(errors.ConfigError, match="4 dash-separated counts"):
     runner.run(c, workdir)
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("variant", ["full", "bench", "cpu"])
+def test_vgg_like_variants_load_and_validate(variant):
+  """The VGG-like experiment's variants pass the config checks (no data, no training); `bench`
+  (benchmark (b)) is the width-1/8 network on CIFAR-10 with a validation split and the bench
+  schedule, `full` is still the published protocol's lengths at width 1."""
+  c = config_files.load(os.path.join(REPO, "experiments", "compress_vgg_like.py")).get_config(
+      variant)
+  runner.check_config(c)
+  assert c.mode == "compress" and c.model.name == "vgg_like"
+  assert c.data.source == "cifar_local" and c.data.name == "cifar10" and c.data.num_val == 5_000
+  counts = networks.count(runner.make_arch(c))
+  if variant == "full":
+    assert counts["params"] == 14_991_946 and counts["macs"] == 313_463_808
+    assert (c.pretrain.epochs, c.compress.iterations, c.finetune.epochs) == (200, 60, 20)
+  else:
+    assert c.model.scale == 0.125 and counts["params"] == 236_562
+  if variant == "bench":
+    assert (c.pretrain.epochs, c.compress.iterations, c.finetune.epochs) == (7, 2, 1)
+    assert c.compress.lambda_ramp == 1.0 and c.compress.curvature_batches == 10
+  # Every method of the benchmark passes the checks with this variant.
+  for method in ("dense", "bayesnas", "group_lasso", "l1_filter"):
+    c.method = method
+    runner.check_config(c)
+
+
+def test_vgg_like_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="use full, bench or cpu"):
+    config_files.load(os.path.join(REPO, "experiments", "compress_vgg_like.py")).get_config("gpu")

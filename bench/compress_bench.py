@@ -1,8 +1,8 @@
-r"""Benchmark (a): LeNet-5-Caffe compressed by BayesNAS and the baselines, side by side.
+r"""Compression benchmarks: one network compressed by BayesNAS and the baselines, side by side.
 
-One dense network is pretrained (``experiments/compress_lenet5.py:<variant>``, ``method=dense``);
-every method then starts from its ``pretrained/`` folder with the same data, split, epochs and
-export code (compression spec 7.1), in one run directory per point under ``--root``:
+One dense network is pretrained (``--experiment``, ``--variant``, ``method=dense``); every method
+then starts from its ``pretrained/`` folder with the same data, split, epochs and export code
+(compression spec 7.1), in one run directory per point under ``--root``:
 
 * ``bayesnas``: the HARD-prior outer loop, one run per lambda of ``--bayes_lams``;
 * ``group_lasso`` (B1): omega = 1 on the same switches, one run per lambda of ``--gl_lams``;
@@ -18,17 +18,26 @@ within ``--tolerance`` points of the dense network's; its test error is then rep
 verdict line says whether BayesNAS's selected points keep fewer weights and fewer MACs than every
 baseline's. Outputs in ``--root``: ``results.json`` (every run's result),
 ``table.md`` (kept structure, errors, CR_w, MAC ratio per run and the selected points),
-``compress_lenet5.png`` / ``.svg`` (test error against kept weights and against MACs, log x;
-collapsed runs, which keep nothing, are left out of the plot).
+``compress_<model.name>.png`` / ``.svg`` (test error in % against kept weights and against MACs,
+log x, titled with the network and the data of the config; collapsed runs, which keep nothing,
+are left out of the plot).
 
 A run directory that already holds ``result.json`` is reused (the benchmark resumes).
 
-On the default variant ``cpu`` the data are the shared MNIST *test* files split 8,000 / 2,000:
-figures are not comparable with published results, which train on the 60,000-image split.
+Benchmarks:
+
+* (a) LeNet-5-Caffe, ``experiments/compress_lenet5.py:cpu`` (the defaults): the shared MNIST
+  *test* files split 8,000 / 2,000; figures are not comparable with published results, which
+  train on the 60,000-image split.
+* (b) the VGG-like network at width 1/8 on CIFAR-10, ``experiments/compress_vgg_like.py:bench``
+  (7 + 3 epochs on a CPU, not the published 200 + 60 + 20 at full width).
 
 Run::
 
-  python bench/compress_lenet5.py --root runs/compress_bench
+  python bench/compress_bench.py --root runs/compress_bench
+  python bench/compress_bench.py --experiment experiments/compress_vgg_like.py --variant bench \
+      --root runs/compress_vgg_bench --bayes_lams 3e-4,1e-3,3e-3,1e-2 --gl_lams 3e-4,1e-3,3e-3,1e-2 \
+      --ratios 0.2,0.35,0.5
 """
 
 from __future__ import annotations
@@ -73,7 +82,8 @@ def _config(**fields):
   c.progress_bar = False
   for item in FLAGS.overrides:
     k, v = item.split("=", 1)
-    fields[k] = type(_get(c, k))(v)
+    current = _get(c, k)
+    fields[k] = v if current is None else type(current)(v)
   for dotted, value in fields.items():
     node = c
     *parents, leaf = dotted.split(".")
@@ -140,7 +150,25 @@ def _verdict(selected, selected_macs) -> str:
       f"* {l}" for l in lines) + "\n"
 
 
-def _plot(rows, dense, path_base):
+_NETWORKS = {"lenet5": "LeNet-5-Caffe", "lenet300_100": "LeNet-300-100",
+             "lenet500_300": "LeNet-500-300", "vgg_like": "VGG-like"}
+_DATA = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
+def _title(c) -> str:
+  """The network and the data of config `c`, for the plot."""
+  net = _NETWORKS.get(c.model.name, c.model.name)
+  if c.model.name == "vgg_like" and float(c.model.scale) != 1.0:
+    scale = float(c.model.scale)
+    net += f" (width {f'1/{round(1 / scale)}' if (1 / scale).is_integer() else f'{scale:g}'})"
+  data = _DATA.get(c.data.name, c.data.name)
+  if c.data.source == "idx_t10k_split":
+    return (f"{net}, {data} t10k split {c.data.split_train:,} / {c.data.split_test:,} "
+            "(not comparable with 60k-split results)")
+  return f"{net}, {data} ({c.data.num_val:,} training images held out for validation)"
+
+
+def _plot(rows, dense, path_base, title):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -156,13 +184,13 @@ def _plot(rows, dense, path_base):
         ax.plot(*zip(*pts), style, label=method)
     ax.axhline(dense["test_err"], color="grey", ls="--", lw=1, label="dense")
     ax.set_xscale("log")
-    ax.set_ylim(0, min(10.0, max([r["test_err"] for r in rows if r[key] > 0] + [5.0]) + 0.5))
+    errs = [r["test_err"] for r in rows if r[key] > 0]
+    ax.set_ylim(0, min(max(10.0, 3 * dense["test_err"]), max(errs + [5.0]) + 0.5))
     ax.set_xlabel(label + " (log)")
     ax.set_ylabel("test error (%)")
     ax.grid(True, which="both", alpha=0.3)
   axes[0].legend()
-  fig.suptitle("LeNet-5-Caffe, MNIST t10k split 8,000 / 2,000 (not comparable with 60k-split "
-               "results)", fontsize=9)
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   for ext in ("png", "svg"):
     fig.savefig(f"{path_base}.{ext}", dpi=120)
@@ -229,7 +257,8 @@ def main(argv):
   table = _table(rows, dense, selected, selected_macs)
   with open(os.path.join(FLAGS.root, "table.md"), "w") as f:
     f.write(table)
-  _plot(rows, dense, os.path.join(FLAGS.root, "compress_lenet5"))
+  c = _config()
+  _plot(rows, dense, os.path.join(FLAGS.root, f"compress_{c.model.name}"), _title(c))
   total = sum(r.get("seconds", {}).get("cpu", 0.0) for r in [dense] + rows)
   print(table)
   print(f"total CPU seconds of the runs: {total:.0f}")
