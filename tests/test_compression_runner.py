@@ -15,6 +15,7 @@ import pytest
 
 from bnas_jax import config_files
 from bnas_jax import errors
+from bnas_jax.compression import compress_config
 from bnas_jax.compression import export
 from bnas_jax.compression import networks
 from bnas_jax.compression import runner
@@ -146,6 +147,9 @@ def test_vgg_like_variants_load_and_validate(variant):
   if variant == "bench":
     assert (c.pretrain.epochs, c.compress.iterations, c.finetune.epochs) == (7, 2, 1)
     assert c.compress.lambda_ramp == 1.0 and c.compress.curvature_batches == 10
+    assert not compress_config.step_config(c, "pretrain").dropout  # too strong at width 1/8
+  else:
+    assert compress_config.step_config(c, "pretrain").dropout  # SBP's pretraining dropout
   # Every method of the benchmark passes the checks with this variant.
   for method in ("dense", "bayesnas", "group_lasso", "l1_filter"):
     c.method = method

@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrain.batch_size = 128
   c.pretrain.lr = 1e-3
   c.pretrain.weight_decay = 0.0
+  c.pretrain.dropout = True  # the network's pretraining dropout (SBP's; LeNets have none)
   c.compress = ml_collections.ConfigDict()
   c.compress.iterations = 10  # T outer iterations
   c.compress.epochs_per_iteration = 1  # E_in
@@ -187,7 +188,7 @@ def step_config(config, kind: str) -> train.StepConfig:
   c = config
   if kind == "pretrain":
     return train.StepConfig(lr=float(c.pretrain.lr), weight_decay=float(c.pretrain.weight_decay),
-                            train_bn=True, dropout=True)
+                            train_bn=True, dropout=bool(c.pretrain.dropout))
   if kind == "compress":
     return train.StepConfig(lr=float(c.compress.lr), weight_decay=float(c.compress.weight_decay),
                             switch_optimizer=c.compress.switch_optimizer,
