@@ -10,15 +10,28 @@ XLA flags were screened on CPU and none is switched on: the ones that shorten th
 emitters, codegen split count, YNNPACK fusions, the oneDNN custom call for grouped convolutions)
 were within noise or slower. The figures are in docs/performance.md.
 
-`configure_cache` only enables the persistent cache. Call it before the first compilation.
+`configure_cache` enables the persistent cache and guards it against a crash of XLA:CPU: reloading
+a CPU executable made of thousands of kernel objects recurses once per object on a worker thread
+of fixed stack size and segfaults (the process dies; ``ulimit -s`` does not help). The pruned
+supernets' train steps of the CPU proxy search reach about 3,000-4,000 objects. The guard keeps
+CPU executables with more than `MAX_CPU_OBJECTS` kernel objects (ELF images in the serialized
+executable) out of the cache and refuses to load such entries written before; those programs are
+compiled each run. Call `configure_cache` before the first compilation.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
+from absl import logging
 import jax
+
+# Largest number of kernel objects of a CPU executable that is stored in / loaded from the cache.
+# Executables of 2,999-3,978 objects crashed on reload, 2,654-2,660 loaded (jaxlib 0.10.2).
+MAX_CPU_OBJECTS = 2_000
+_ELF_MAGIC = b"\x7fELF"
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "bnas_jax", "jax_cache")
 
@@ -43,4 +56,66 @@ def configure_cache(cache_dir: Optional[str] = None, *, min_compile_time_s: floa
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  _guard_cpu_cache()
   return cache_dir
+
+
+def count_objects(serialized: bytes) -> int:
+  """The number of ELF images (XLA:CPU kernel objects) in a serialized executable."""
+  return serialized.count(_ELF_MAGIC)
+
+
+def _is_cpu(backend) -> bool:
+  return getattr(backend, "platform", "") == "cpu"
+
+
+def _guard_cpu_cache() -> None:
+  """Wraps JAX's cache read and write so that CPU executables with more than `MAX_CPU_OBJECTS`
+  kernel objects are neither stored nor loaded (module docstring). Idempotent; a JAX without
+  these internals is left as it is."""
+  try:
+    from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+    get, put = cc.get_executable_and_time, cc.put_executable_and_time
+    cc.decompress_executable, cc.extract_executable_and_time, cc._get_cache  # pylint: disable=pointless-statement,protected-access
+  except (ImportError, AttributeError):
+    return
+  if getattr(get, "_bnas_guard", False):
+    return
+  guarded_get, guarded_put = _guarded(cc, get, put)
+  guarded_get._bnas_guard = True  # pylint: disable=protected-access
+  cc.get_executable_and_time, cc.put_executable_and_time = guarded_get, guarded_put
+
+
+def _guarded(cc, get, put):
+  """``(get, put)`` of JAX's compilation cache (module `cc`) wrapped to skip CPU executables with
+  more than `MAX_CPU_OBJECTS` kernel objects: the entry is then not loaded (``(None, None)``: a
+  cache miss) or not stored."""
+
+  @functools.wraps(get)
+  def guarded_get(cache_key, compile_options, backend, *args, **kwargs):
+    if not _is_cpu(backend):
+      return get(cache_key, compile_options, backend, *args, **kwargs)
+    cache = cc._get_cache(backend)  # pylint: disable=protected-access
+    entry = None if cache is None else cache.get(cache_key)
+    if entry is None:
+      return None, None
+    serialized, _ = cc.extract_executable_and_time(cc.decompress_executable(entry))
+    n = count_objects(serialized)
+    if n > MAX_CPU_OBJECTS:
+      logging.info("compilation cache: not loading %s (%d kernel objects > %d; XLA:CPU crashes "
+                   "reloading executables this large), compiling it instead", cache_key, n,
+                   MAX_CPU_OBJECTS)
+      return None, None
+    return get(cache_key, compile_options, backend, *args, **kwargs)
+
+  @functools.wraps(put)
+  def guarded_put(cache_key, module_name, executable, backend, *args, **kwargs):
+    if _is_cpu(backend):
+      n = count_objects(executable.serialize())
+      if n > MAX_CPU_OBJECTS:
+        logging.info("compilation cache: not storing %s (%d kernel objects > %d; XLA:CPU crashes "
+                     "reloading executables this large)", module_name, n, MAX_CPU_OBJECTS)
+        return None
+    return put(cache_key, module_name, executable, backend, *args, **kwargs)
+
+  return guarded_get, guarded_put
