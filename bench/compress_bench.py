@@ -84,12 +84,7 @@ def _config(**fields):
     k, v = item.split("=", 1)
     current = _get(c, k)
     fields[k] = v if current is None else type(current)(v)
-  for dotted, value in fields.items():
-    node = c
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(fields)
   return c
 
 
