@@ -59,6 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
   # BN(affine=False) after the identity skip and the pools of every edge, so that every candidate
   # op outputs unit scale and switch sizes (hence gamma) compare across ops (models/supernet.py).
   c.model.param_free_bn = False
+  # BN(affine=False) after the pools only (the darts space always has it): without it an average
+  # pool's smaller output scale is paid for by a larger switch, hence a larger gamma, than the
+  # identity skip's for the same contribution (models/supernet.py).
+  c.model.pool_bn = False
   # The PyramidNet backbone of the tree spaces (experiments/proxyless_cifar10.py): additive
   # widening alpha and the groups of its grouped convs. The cell spaces do not read them.
   c.model.alpha = 48.0
@@ -167,8 +171,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                 config.model.get("pruned_ops", "skip"))
   except ValueError as e:
     raise errors.ConfigError(f"config.model.{e}") from None
-  if not isinstance(config.model.get("remat", True), bool):
-    raise errors.ConfigError(f"config.model.remat={config.model.remat!r}; use True or False")
+  for name in ("remat", "param_free_bn", "pool_bn"):
+    if not isinstance(config.model.get(name, False), bool):
+      raise errors.ConfigError(f"config.model.{name}={config.model[name]!r}; use True or False")
   run_lib.check_common_fields(config)
   b = config.bayes
   if b.prune_mode not in bayes.PRUNE_MODES:

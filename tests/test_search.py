@@ -474,6 +474,7 @@ def test_bad_config_values_are_named(tmp_path, cifar10_subset_dir):
                        ("bayes.prune_threshold", -1.0), ("genotype.max_ops", -1),
                        ("model.dw_impl", "cudnn"), ("model.edge_loop", "while"),
                        ("model.pruned_ops", "drop"), ("model.remat", None),
+                       ("model.pool_bn", None), ("model.param_free_bn", None),
                        ("search.batch_size", 0), ("search.eval_batch_size", -2),
                        ("curvature.batch_size", 0)):
     config = tiny_config(cifar10_subset_dir, **{field: value})

@@ -286,3 +286,39 @@ def test_param_free_bn_normalises_skip_and_pool_outputs():
                                          mutable=["batch_stats"])[0], 1.0 * x, rtol=1e-6)
   with pytest.raises(ValueError, match="param_free_bn"):
     sn.create_supernet("tree_tiny", 8, 1, 10, param_free_bn=True)
+
+
+def test_pool_bn_normalises_the_pool_only():
+  # pool_bn: BN(affine=False) after the pools only (the DARTS convention): the average pool's
+  # output is batch-normalised per channel (closed form), the identity skip passes s_0 x through.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(-1.0, 2.0, size=(4, 6, 6, 5)), jnp.float32)
+  sp = spaces.get_space("nb201")
+  mod = sn.EdgeOps(sp.family, tuple(sp.ops), 5, 1, None, False, "lax", "lax", False, True)
+  variables = mod.init(jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
+  assert "avg_pool_3x3_bn" in variables["batch_stats"]
+  assert "skip_connect_bn" not in variables["batch_stats"]
+  s = np.zeros(1 + len(sp.ops), np.float32)
+  s[0], s[1 + sp.ops.index("avg_pool_3x3")] = 0.5, 2.0
+  got, _ = mod.apply(variables, x, jnp.asarray(s), train=True, mutable=["batch_stats"])
+  y = 0.5 * np.asarray(x, np.float64)
+  pad = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ones = np.pad(np.ones_like(y), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  win = lambda a: sum(a[:, i:i + 6, j:j + 6] for i in range(3) for j in range(3))
+  y = win(pad) / win(ones)
+  ref = 2.0 * (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+  s = np.zeros(1 + len(sp.ops), np.float32)
+  s[0], s[1 + sp.ops.index("skip_connect")] = 0.5, 2.0
+  np.testing.assert_allclose(mod.apply(variables, x, jnp.asarray(s), train=True,
+                                       mutable=["batch_stats"])[0], 1.0 * x, rtol=1e-6)
+  # The whole supernet threads the option down to every edge; the tree spaces refuse it.
+  net = sn.create_supernet("nb201", 4, 1, 10, pool_bn=True)
+  v = sn.init_variables(net, jax.random.key(0), jnp.zeros((2, 8, 8, 3)),
+                        {"normal": jnp.ones((3, 6, 5))})
+  names = {"/".join(str(getattr(k, "key", k)) for k in path)
+           for path, _ in jax.tree_util.tree_leaves_with_path(v["batch_stats"])}
+  assert any("avg_pool_3x3_bn" in n for n in names)
+  assert not any("skip_connect_bn" in n for n in names)
+  with pytest.raises(ValueError, match="pool_bn"):
+    sn.create_supernet("tree_tiny", 8, 1, 10, pool_bn=True)

@@ -142,6 +142,9 @@ class EdgeOps(nn.Module):
     param_free_bn: BN(affine=False) after every parameter-free op (identity skip, pools), so that
       every candidate op's output has unit scale per channel, like the ops that end in a BN, and
       switch sizes compare across ops. The DARTS-family supernets always put it after pools.
+    pool_bn: BN(affine=False) after the pools only, as the DARTS-family supernets do: an average
+      over a 3 x 3 window has a smaller scale than its input, so without it a pool needs a larger
+      switch than the identity skip for the same contribution (implied by `param_free_bn`).
   """
   family: str
   op_names: tuple[str, ...]
@@ -152,6 +155,7 @@ class EdgeOps(nn.Module):
   dw_impl: str = "shift"
   conv_impl: str = "lax"
   param_free_bn: bool = False
+  pool_bn: bool = False
 
   @nn.compact
   def __call__(self, x: Array, s: Array, *, train: bool) -> Array:
@@ -169,7 +173,7 @@ class EdgeOps(nn.Module):
         continue
       y = ops_lib.get_op(self.family, name, self.channels, self.stride, options,
                          module_name=name)(x, train=train)
-      if ((self.family == "darts" or self.param_free_bn) and "pool" in name
+      if ((self.family == "darts" or self.param_free_bn or self.pool_bn) and "pool" in name
           or self.param_free_bn and name == "skip_connect" and self.stride == 1):
         y = ops_lib.BatchNorm(False, name=f"{name}_bn")(y, train=train)
       term = y * bc(s[..., 1 + k])
@@ -242,7 +246,7 @@ class Cell(nn.Module):
       same loop fully unrolled: slower compile, faster step on CPU). See `Supernet`.
     pruned_ops: see `Supernet`.
     remat: see `Supernet`.
-    param_free_bn: see `EdgeOps`.
+    param_free_bn, pool_bn: see `EdgeOps`.
   """
   space: str
   channels: int
@@ -254,6 +258,7 @@ class Cell(nn.Module):
   pruned_ops: str = "skip"
   remat: bool = True
   param_free_bn: bool = False
+  pool_bn: bool = False
 
   @nn.compact
   def __call__(self, inputs: tuple[Array, ...], sw: Array, *, train: bool) -> Array:
@@ -299,7 +304,7 @@ class Cell(nn.Module):
       if not eids:
         continue
       mod = EdgeOps(sp.family, tuple(sp.ops), c, stride, None, self.affine, self.dw_impl,
-                    conv_impl, self.param_free_bn, parent=None)
+                    conv_impl, self.param_free_bn, self.pool_bn, parent=None)
       src_shape = inputs[-1].shape if stride == 2 else (b, h, w, c)
 
       def init_vars(key, mod=mod, src_shape=src_shape, n=len(eids)):
@@ -399,6 +404,8 @@ class Supernet(nn.Module):
     param_free_bn: BN(affine=False) after the identity skip and the pools of every edge
       (`EdgeOps`): all candidate ops then output unit scale, so that the switches, and with them
       the ARD variances gamma, compare across ops.
+    pool_bn: BN(affine=False) after the pools of every edge only (`EdgeOps`; the darts space
+      always has it).
   """
   space: str
   init_channels: int
@@ -410,6 +417,7 @@ class Supernet(nn.Module):
   pruned_ops: str = "skip"
   remat: bool = True
   param_free_bn: bool = False
+  pool_bn: bool = False
 
   @nn.compact
   def __call__(self, images: Array, switches: Switches, *, train: bool) -> Array:
@@ -444,7 +452,7 @@ class Supernet(nn.Module):
           x = ops_lib.ResNetBasicBlock(spec.channels, 2, True, name=f"resblock_{i}")(x, train=train)
         x = Cell(sp.name, spec.channels, spec.cell_type, alive.get(spec.cell_type), False,
                  self.dw_impl, self.edge_loop, self.pruned_ops, self.remat, self.param_free_bn,
-                 name=f"cell_{i}")(
+                 self.pool_bn, name=f"cell_{i}")(
                      (x,), cell_sw(spec.cell_type, spec.type_index), train=train)
       x = nn.relu(ops_lib.BatchNorm(True, name="lastact_bn")(x, train=train))
     else:
@@ -465,7 +473,7 @@ class Supernet(nn.Module):
           p1 = ops_lib.ReLUConvBN(c, 1, 1, 0, False, name=f"cell_{i}_pre1")(s1, train=train)
         out = Cell(sp.name, c, spec.cell_type, alive.get(spec.cell_type), False, self.dw_impl,
                    self.edge_loop, self.pruned_ops, self.remat, self.param_free_bn,
-                   name=f"cell_{i}")(
+                   self.pool_bn, name=f"cell_{i}")(
                        (p0, p1), cell_sw(spec.cell_type, spec.type_index), train=train)
         s0, s1 = s1, out
       x = s1
@@ -499,9 +507,10 @@ def create_supernet(space: Union[str, spaces.SearchSpace], init_channels: int, n
     if kw.get("pruned_ops") == "zero":
       raise ValueError(f"pruned_ops='zero' applies to the cell spaces; space {sp.name!r} is a "
                        "tree space: use 'skip' or 'mask'")
-    if kw.pop("param_free_bn", False):
-      raise ValueError(f"param_free_bn=True applies to the cell spaces; space {sp.name!r} is a "
-                       "tree space: set it False")
+    for name in ("param_free_bn", "pool_bn"):
+      if kw.pop(name, False):
+        raise ValueError(f"{name}=True applies to the cell spaces; space {sp.name!r} is a "
+                         "tree space: set it False")
     from bnas_jax.models import tree_supernet  # pylint: disable=g-import-not-at-top
     return tree_supernet.create_tree_supernet(sp, init_channels, num_cells, num_classes, alive,
                                               alpha=alpha, groups=groups, **kw)
