@@ -253,6 +253,15 @@ def test_remat_equals_stored_activations():
   assert float(np.max(np.abs(res[0][1][1]))) > 0  # the switch gradient is not trivially zero
 
 
+def _avg_pool_3x3_ref(y):
+  """count_include_pad=False average over the 3 x 3 window, stride 1, of f64[B, H, W, C]."""
+  h, w = y.shape[1:3]
+  pad = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ones = np.pad(np.ones_like(y), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  win = lambda a: sum(a[:, i:i + h, j:j + w] for i in range(3) for j in range(3))
+  return win(pad) / win(ones)
+
+
 def test_param_free_bn_normalises_skip_and_pool_outputs():
   # With param_free_bn, an nb201 edge is sum_k s_k BN(op_k(s_0 x)) for the parameter-free ops too:
   # only skip_connect (or only avg_pool_3x3) switched on, in train mode, gives the per-channel
@@ -270,11 +279,8 @@ def test_param_free_bn_normalises_skip_and_pool_outputs():
     s[0], s[1 + k] = 0.5, 2.0
     got, _ = mod.apply(variables, x, jnp.asarray(s), train=True, mutable=["batch_stats"])
     y = 0.5 * np.asarray(x, np.float64)
-    if name == "avg_pool_3x3":  # count_include_pad=False average over the 3 x 3 window
-      pad = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
-      ones = np.pad(np.ones_like(y), ((0, 0), (1, 1), (1, 1), (0, 0)))
-      win = lambda a: sum(a[:, i:i + 6, j:j + 6] for i in range(3) for j in range(3))
-      y = win(pad) / win(ones)
+    if name == "avg_pool_3x3":
+      y = _avg_pool_3x3_ref(y)
     ref = 2.0 * (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   # Off (the default), the identity passes s_0 x through unchanged.
@@ -301,11 +307,7 @@ def test_pool_bn_normalises_the_pool_only():
   s = np.zeros(1 + len(sp.ops), np.float32)
   s[0], s[1 + sp.ops.index("avg_pool_3x3")] = 0.5, 2.0
   got, _ = mod.apply(variables, x, jnp.asarray(s), train=True, mutable=["batch_stats"])
-  y = 0.5 * np.asarray(x, np.float64)
-  pad = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  ones = np.pad(np.ones_like(y), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  win = lambda a: sum(a[:, i:i + 6, j:j + 6] for i in range(3) for j in range(3))
-  y = win(pad) / win(ones)
+  y = _avg_pool_3x3_ref(0.5 * np.asarray(x, np.float64))
   ref = 2.0 * (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   s = np.zeros(1 + len(sp.ops), np.float32)
