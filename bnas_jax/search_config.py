@@ -59,9 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   # BN(affine=False) after the identity skip and the pools of every edge, so that every candidate
   # op outputs unit scale and switch sizes (hence gamma) compare across ops (models/supernet.py).
   c.model.param_free_bn = False
-  # BN(affine=False) after the pools only (the darts space always has it): without it an average
-  # pool's smaller output scale is paid for by a larger switch, hence a larger gamma, than the
-  # identity skip's for the same contribution (models/supernet.py).
+  # BN(affine=False) after the pools only, the DARTS convention (the darts space always has it;
+  # models/supernet.py). Off: in the NB201 space it left the pool on edge 0->3 and lowered the
+  # 5-seed mean (docs/results.md).
   c.model.pool_bn = False
   # The PyramidNet backbone of the tree spaces (experiments/proxyless_cifar10.py): additive
   # widening alpha and the groups of its grouped convs. The cell spaces do not read them.

@@ -142,9 +142,9 @@ class EdgeOps(nn.Module):
     param_free_bn: BN(affine=False) after every parameter-free op (identity skip, pools), so that
       every candidate op's output has unit scale per channel, like the ops that end in a BN, and
       switch sizes compare across ops. The DARTS-family supernets always put it after pools.
-    pool_bn: BN(affine=False) after the pools only, as the DARTS-family supernets do: an average
-      over a 3 x 3 window has a smaller scale than its input, so without it a pool needs a larger
-      switch than the identity skip for the same contribution (implied by `param_free_bn`).
+    pool_bn: BN(affine=False) after the pools only, as the DARTS-family supernets do, so that a
+      pool's output, whose scale an average over the window shrinks, has unit scale per channel
+      before its switch (implied by `param_free_bn`).
   """
   family: str
   op_names: tuple[str, ...]
