@@ -17,6 +17,7 @@ PyTorch is not a dependency of bnas_jax; install it in a separate environment to
   python bench/torch_bayesnas_reference.py                       # official config, both layouts
   python bench/torch_bayesnas_reference.py --threads 2 --steps 5 --layouts channels_last
   python bench/torch_bayesnas_reference.py --channels 8 --cells 5 --batch 32   # the cpu size
+  python bench/torch_bayesnas_reference.py --threads 2 --groups   # + one op group per supernet
 
 Figures (with the commands that produced them) are in docs/performance.md.
 """
@@ -31,6 +32,9 @@ import torch_step_timer
 torch, nn, F = torch_step_timer.require_torch("torch_bayesnas_reference")
 
 OPS = ("sep3", "sep5", "dil3", "dil5", "max", "avg", "ident")
+# The op groups of bench_op_groups.py (one group kept on every edge).
+GROUPS = {"pools": ("max", "avg"), "skip": ("ident",), "sep": ("sep3", "sep5"),
+          "dil": ("dil3", "dil5")}
 # (source, target) of the 8 edges, nodes 0, 1 = the preprocessed inputs (k-2, k-1), in the
 # order of bnas_jax.search_space.spaces (bayesnas); the cell output concatenates nodes 2..5.
 EDGES = {
@@ -94,13 +98,15 @@ class CReduct(nn.Module):
 
 class Cell(nn.Module):
 
-  def __init__(self, c_pp, c_p, c, reduction, reduction_prev):
+  def __init__(self, c_pp, c_p, c, reduction, reduction_prev, ops=OPS):
     super().__init__()
     self.pre0 = CReduct(c_pp, c, reduction_prev)
     self.pre1 = CReduct(c_p, c, False)
     self.topo = EDGES["reduce" if reduction else "normal"]
+    # Ops left out of `ops` are not built or run (as a pruned op under pruned_ops='skip').
+    self.kept = [j for j, o in enumerate(OPS) if o in ops]
     self.edges = nn.ModuleList(
-        nn.ModuleList(make_op(o, c, 2 if reduction and src < 2 else 1) for o in OPS)
+        nn.ModuleList(make_op(OPS[j], c, 2 if reduction and src < 2 else 1) for j in self.kept)
         for src, _ in self.topo)
 
   def forward(self, s0, s1, sw):
@@ -109,17 +115,18 @@ class Cell(nn.Module):
     for e in sorted(range(len(self.topo)), key=lambda i: self.topo[i][::-1]):
       src, tgt = self.topo[e]
       xin = nodes[src] * sw[e, 0]
-      nodes[tgt] = nodes[tgt] + sum(sw[e, 1 + j] * op(xin) for j, op in enumerate(self.edges[e]))
+      nodes[tgt] = nodes[tgt] + sum(sw[e, 1 + j] * op(xin)
+                                    for j, op in zip(self.kept, self.edges[e]))
     return torch.cat(nodes[2:], dim=1)
 
 
 class Supernet(nn.Module):
 
-  def __init__(self, c=36, cells=8, classes=10):
+  def __init__(self, c=36, cells=8, classes=10, ops=OPS):
     super().__init__()
     self.stem = nn.Conv2d(3, 3 * c, 3, padding=1, bias=False)
     plan, n_types, c_p = torch_step_timer.cell_plan(c, cells)
-    self.cells = nn.ModuleList(Cell(p.c_pp, p.c_p, p.c, p.reduction, p.reduction_prev)
+    self.cells = nn.ModuleList(Cell(p.c_pp, p.c_p, p.c, p.reduction, p.reduction_prev, ops)
                                for p in plan)
     self.types = [(p.cell_type, p.index) for p in plan]
     self.switches = nn.ParameterDict({
@@ -135,9 +142,9 @@ class Supernet(nn.Module):
     return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def time_step(steps, channels_last, batch, c, cells):
+def time_step(steps, channels_last, batch, c, cells, ops=OPS):
   torch.manual_seed(0)
-  model = Supernet(c, cells)
+  model = Supernet(c, cells, ops=ops)
   times = torch_step_timer.step_times(model, steps, 1, channels_last, batch)  # 1 warm-up step
   n_switches = sum(p.numel() for p in model.switches.parameters())
   return (statistics.median(times), min(times), torch_step_timer.weight_count(model),
@@ -152,16 +159,21 @@ def main(argv=None):
   p.add_argument("--cells", type=int, default=8)
   p.add_argument("--batch", type=int, default=18)
   p.add_argument("--layouts", default="NCHW,channels_last")
+  p.add_argument("--groups", action="store_true",
+                 help="also time supernets that keep one op group on every edge (the rows of "
+                      "bench_op_groups.py --space bayesnas)")
   args = p.parse_args(argv)
   if args.threads:
     torch.set_num_threads(args.threads)
   print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bayesnas, "
         f"C={args.channels}, cells={args.cells}, batch={args.batch}")
+  variants = [("all", OPS)] + (list(GROUPS.items()) if args.groups else [])
   for layout in args.layouts.split(","):
-    step, fastest, n_w, n_s = time_step(args.steps, layout == "channels_last", args.batch,
-                                        args.channels, args.cells)
-    print(f"{layout:13s} step_median={step:.3f}s (min {fastest:.3f}s)  ({n_w:,} weights, "
-          f"{n_s} switches)", flush=True)
+    for name, ops in variants:
+      step, fastest, n_w, n_s = time_step(args.steps, layout == "channels_last", args.batch,
+                                          args.channels, args.cells, ops)
+      print(f"{layout:13s} {name:5s} step_median={step:.3f}s (min {fastest:.3f}s)  "
+            f"({n_w:,} weights, {n_s} switches)", flush=True)
 
 
 if __name__ == "__main__":
