@@ -128,6 +128,24 @@ def initialize_distributed(coordinator_address: str | None = None,
                              num_processes=num_processes, process_id=process_id)
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises `errors.ConfigError` when `workdir` cannot be a run directory: it, or the nearest of
+  its parents that exists, is not a folder, or that folder is not writable (a missing workdir is
+  created by the runner)."""
+  path = workdir
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  if not os.path.isdir(path):
+    raise errors.ConfigError(f"--workdir={workdir}: {path} is a file, not a folder; pass the path "
+                             "of a folder (created if missing)")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise errors.ConfigError(f"--workdir={workdir}: {path} is not writable; pass a folder you "
+                             "can write to")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
@@ -156,6 +174,7 @@ def main(argv):
 
   metrics_lib.quiet_library_logs()
   try:  # bad values, missing files and data are named before anything is logged or created
+    check_workdir(workdir)
     runner = get_runner(config.mode)
     module = importlib.import_module(RUNNERS[config.mode])
     module.check_config(config)

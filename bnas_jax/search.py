@@ -238,6 +238,10 @@ class _Search:
   # ---- the loop ---------------------------------------------------------------------------------
 
   def run(self) -> SearchResult:
+    if int(self.config.search.iterations) == 0:
+      logging.warning("config.search.iterations=0: no prior update runs, so nothing is searched "
+                      "or pruned; the genotype is read from the initial prior (every op alive). "
+                      "Set it to 1 or more to search.")
     state, record = self.restore_or_init()
     pos, history = record.position, list(record.history)
     stages = plan(self.config)

@@ -141,6 +141,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if s.penalty_mode not in PENALTY_MODES:
     raise errors.ConfigError(f"config.search.penalty_mode={s.penalty_mode!r}; use one of "
                              f"{PENALTY_MODES}")
+  for name in ("init_channels", "num_cells"):
+    if not int(config.model[name]) >= 1:
+      raise errors.ConfigError(f"config.model.{name}={config.model[name]} must be >= 1")
   if s.iterations < 0 or s.warmup_epochs < 0:
     raise errors.ConfigError(
         "config.search.iterations and config.search.warmup_epochs must be >= 0")

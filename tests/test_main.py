@@ -91,6 +91,15 @@ def test_bad_config_value_is_one_line_on_stderr(tmp_path):
   proc = run_cli(f"--workdir={tmp_path / 'empty'}")  # no --config and no stored config
   assert proc.returncode == 2 and "pass --config" in proc.stderr
   assert "Traceback" not in proc.stderr
+  afile = tmp_path / "afile"
+  afile.write_text("not a folder")
+  for workdir in (afile, afile / "sub"):  # a file, or a folder under one
+    proc = run_cli("--config=experiments/tiny.py", f"--workdir={workdir}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"bnas_jax.main: error: --workdir={workdir}: {afile} is a file, not a folder; pass the "
+        "path of a folder (created if missing)"], proc.stderr[-3000:]
+  assert afile.read_text() == "not a folder"
 
 
 def test_stored_config_of_an_older_version_gets_new_defaults(tmp_path):
@@ -186,6 +195,7 @@ def test_cli_run_then_resume_from_workdir_alone(tmp_path, cifar10_subset_dir):
                  "--config.search.warmup_epochs=0", "--config.search.iterations=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "local devices" in proc.stderr
+  assert "config.search.iterations=0: no prior update runs" in proc.stderr  # said, not silent
   for name in ("config.json", "config.yaml", "seeds.json", "genotype.json", "genotype.png",
                "genotype.svg", "summary.json", "log.txt", "genotype_darts.json",
                "genotype_darts.txt", "genotype_darts.png", "genotype_darts.svg"):

@@ -476,7 +476,8 @@ def test_bad_config_values_are_named(tmp_path, cifar10_subset_dir):
                        ("model.pruned_ops", "drop"), ("model.remat", None),
                        ("model.pool_bn", None), ("model.param_free_bn", None),
                        ("search.batch_size", 0), ("search.eval_batch_size", -2),
-                       ("curvature.batch_size", 0)):
+                       ("curvature.batch_size", 0), ("model.init_channels", 0),
+                       ("model.num_cells", 0)):
     config = tiny_config(cifar10_subset_dir, **{field: value})
     with pytest.raises(ValueError, match=f"config.{field}"):
       search.run(config, str(tmp_path / "never"))
