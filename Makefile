@@ -4,7 +4,7 @@
 PYTHON ?= python
 EXP ?=
 VARIANT ?=
-WORKDIR ?= runs/$(EXP)
+WORKDIR ?= runs/$(EXP)$(if $(VARIANT),_$(VARIANT))
 ARGS ?=
 WORKERS ?= auto
 TEST_ARGS ?=
@@ -24,7 +24,7 @@ help: ## Show this help.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "Variables: PYTHON=$(PYTHON) EXP=<NAME of experiments/NAME.py> VARIANT=<config variant>"
-	@echo "  WORKDIR=runs/<EXP> ARGS=<config overrides, e.g. \"--config.seed=1\">"
+	@echo "  WORKDIR=runs/<EXP>[_<VARIANT>] ARGS=<config overrides, e.g. \"--config.seed=1\">"
 	@echo "  WORKERS=$(WORKERS) (pytest-xdist workers) TEST_ARGS=<extra pytest args>"
 	@echo "  DATASET=cifar10|cifar100 DATA_DIR=<data folder> (data, data-shared)"
 
@@ -41,6 +41,7 @@ test: ## Run the test suite: pytest tests/ on WORKERS xdist workers (one file pe
 
 check-exp:
 	@test -n "$(EXP)" || { echo "EXP is required: make $(MAKECMDGOALS) EXP=<name of experiments/NAME.py>"; exit 2; }
+	@test -f "experiments/$(EXP).py" || { echo "no experiment EXP=$(EXP): experiments/$(EXP).py does not exist; the experiments are: $$(ls experiments/*.py | sed 's|experiments/||; s|\.py$$||' | grep -v '^_' | tr '\n' ' ')"; exit 2; }
 
 search: check-exp ## Architecture search: make search EXP=<name> [VARIANT=..] [WORKDIR=..] [ARGS=..].
 	$(PYTHON) -m bnas_jax.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
