@@ -65,8 +65,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
   When the workdir already holds a config (a resumed run), the two are compared by value. If only
   fields starting with one of `resume_safe` differ (or fields the stored config does not have yet,
   added to bnas_jax since), the new config is stored and the old one kept as
-  ``config.previous.json``, with a warning naming the fields. An identical config (however it is
-  formatted) is left as it is.
+  ``config.previous.json``, with a warning naming the fields (an info line when the workdir holds
+  no checkpoint yet: an earlier attempt that stopped at start-up leaves nothing to resume, so any
+  field may change). An identical config (however it is formatted) is left as it is.
 
   Raises:
     errors.ConfigError: if other fields differ and the workdir holds checkpoints; nothing is
@@ -84,14 +85,19 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
     # Fields absent from the stored config were added to bnas_jax after that run started.
     unsafe = [k for k in diff if k in stored and not k.startswith(tuple(resume_safe))]
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if unsafe and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    has_checkpoints = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+    if unsafe and has_checkpoints:
       raise errors.ConfigError(
           f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
           f"differ from {path}); nothing was changed. Resume it with its own config "
           f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
           f"--workdir. Only {', '.join(resume_safe)} may change on resume.")
-    logging.warning("config differs from the one stored in %s in %s; the new config is used "
-                    "and stored (the old one is kept as %s)", path, diff, PREVIOUS_JSON)
+    if has_checkpoints:
+      logging.warning("config differs from the one stored in %s in %s; the new config is used "
+                      "and stored (the old one is kept as %s)", path, diff, PREVIOUS_JSON)
+    else:  # an earlier attempt stopped before its first checkpoint (bad data, say): nothing to keep
+      logging.info("%s holds no checkpoint yet; its stored config (%s differ) is replaced by this "
+                   "one (the old one is kept as %s)", workdir, diff, PREVIOUS_JSON)
     os.replace(path, os.path.join(workdir, PREVIOUS_JSON))
   with open(path, "w") as f:
     f.write(text)

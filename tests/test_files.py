@@ -37,3 +37,25 @@ def test_save_figure_writes_png_and_svg_and_closes_the_figure(tmp_path):
   assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   assert "<svg" in open(svg).read()
   assert not plt.fignum_exists(fig.number)
+
+
+def test_write_config_replaces_the_config_of_a_workdir_without_checkpoints(tmp_path, caplog):
+  # An attempt that stopped at start-up (bad data, say) left a config.json and no checkpoint:
+  # any field may change, said in an info line; with a checkpoint the change is refused.
+  import logging  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from bnas_jax import config_files, errors  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path)
+  old = ml_collections.ConfigDict({"data": {"size": 100_000}, "seed": 0})
+  new = ml_collections.ConfigDict({"data": {"size": 2_000}, "seed": 0})
+  config_files.write_config(old, workdir, resume_safe=("seed",))
+  with caplog.at_level(logging.INFO):
+    config_files.write_config(new, workdir, resume_safe=("seed",))
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert any("holds no checkpoint yet" in r.getMessage() for r in caplog.records)
+  with open(os.path.join(workdir, config_files.CONFIG_JSON)) as f:
+    assert '"size": 2000' in f.read()
+  assert os.path.exists(os.path.join(workdir, config_files.PREVIOUS_JSON))
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+  with pytest.raises(errors.ConfigError, match="data.size"):
+    config_files.write_config(old, workdir, resume_safe=("seed",))
