@@ -36,7 +36,7 @@ install-prepare: ## Also install TensorFlow, needed only by `make data` (TFDS pr
 
 # pytest exits 5 when it collected no test: reported, not treated as a failure.
 test: ## Run the test suite: pytest tests/ on WORKERS xdist workers (one file per worker).
-	@$(PYTHON) -m pytest tests/ -n $(WORKERS) --dist loadfile --no-loadscope-reorder $(TEST_ARGS); rc=$$?; \
+	@$(PYTHON) -m pytest tests/ -n $(WORKERS) --dist loadfile $(TEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 0; fi; exit $$rc
 
 check-exp:

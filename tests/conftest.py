@@ -37,24 +37,6 @@ def _cache_dir() -> str:
   return path
 
 
-# The test modules with the longest cold-cache run time (compilation included), longest first.
-# `make test` runs pytest-xdist with ``--dist loadfile --no-loadscope-reorder``, which hands out
-# whole modules in collection order; collecting these first (longest processing time first) keeps
-# one worker from starting a long module while the other has nothing left.
-SLOW_MODULES_FIRST = (
-    'test_curvature', 'test_supernet', 'test_fast_hessian', 'test_proxyless', 'test_eval_net',
-    'test_search', 'test_search_steps', 'test_multihost', 'test_proxyless_search',
-    'test_compression', 'test_compression_runner',
-)
-
-
-def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
-  """Moves the modules of `SLOW_MODULES_FIRST` to the front, in that order (stable otherwise)."""
-  rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
-  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit('.', 1)[-1]
-                                       if item.module else '', len(rank)))
-
-
 def pytest_configure(config):  # pylint: disable=unused-argument
   jax.config.update('jax_enable_x64', False)
   jax.config.update('jax_compilation_cache_dir', os.path.join(_cache_dir(), 'jax_compilation_cache'))
