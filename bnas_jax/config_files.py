@@ -85,14 +85,13 @@ def write_config(config: ml_collections.ConfigDict, workdir: str,
     # Fields absent from the stored config were added to bnas_jax after that run started.
     unsafe = [k for k in diff if k in stored and not k.startswith(tuple(resume_safe))]
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    has_checkpoints = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
-    if unsafe and has_checkpoints:
-      raise errors.ConfigError(
-          f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
-          f"differ from {path}); nothing was changed. Resume it with its own config "
-          f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
-          f"--workdir. Only {', '.join(resume_safe)} may change on resume.")
-    if has_checkpoints:
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+      if unsafe:
+        raise errors.ConfigError(
+            f"{workdir} holds checkpoints of a run with a different config ({', '.join(unsafe)} "
+            f"differ from {path}); nothing was changed. Resume it with its own config "
+            f"(python -m bnas_jax.main --workdir {workdir}) or start this config in a new "
+            f"--workdir. Only {', '.join(resume_safe)} may change on resume.")
       logging.warning("config differs from the one stored in %s in %s; the new config is used "
                       "and stored (the old one is kept as %s)", path, diff, PREVIOUS_JSON)
     else:  # an earlier attempt stopped before its first checkpoint (bad data, say): nothing to keep
