@@ -16,7 +16,11 @@ outside shared/: ``$BNAS_DATA_CACHE``, else ``$BNAS_DATA_DIR``, default ``~/.cac
 shared/ is found as ``$BNAS_SHARED``, else ``<repo>/shared``, else ``<repo>/../shared`` (CI runs a
 fresh clone with shared/ beside it).
 
-JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the data cache.
+JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the data cache, and
+``jax_disable_most_optimizations`` on (also for the subprocesses the tests start): the suite is bound
+by compiling hundreds of tiny programs, whose XLA/LLVM optimisation costs more time than it saves.
+Numerics are unchanged up to float rounding. ``BNAS_TEST_FULL_OPT=1`` runs the suite with XLA's
+full optimisation, as users' runs compile.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def pytest_configure(config):  # pylint: disable=unused-argument
   jax.config.update('jax_enable_x64', False)
   jax.config.update('jax_compilation_cache_dir', os.path.join(_cache_dir(), 'jax_compilation_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  if os.environ.get('BNAS_TEST_FULL_OPT') != '1':
+    jax.config.update('jax_disable_most_optimizations', True)
+    os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # read by subprocesses' JAX at import
 
 
 @pytest.fixture(scope='session')
@@ -65,12 +72,3 @@ def cifar10_bin_dir(data_cache_dir, shared_dir) -> str:
 def cifar10_subset_dir(data_cache_dir, shared_dir) -> str:
   """Path of the lossless 4,000/1,000 CIFAR-10 subset in the binary layout."""
   return prepare.build_cifar10_subset_from_shared(data_cache_dir, shared_dir)
-
-
-@pytest.fixture(scope='module')
-def fast_compile():
-  """Cheaper XLA compilation for one test module (numerics unchanged up to float rounding)."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)

@@ -145,8 +145,7 @@ def test_prior_histograms_picture_and_hparams_are_in_the_event_file(tmp_path):
   assert metrics_lib.hparams_of(config)["data.seed"] == 0
 
 
-def test_search_and_retraining_on_own_data_end_to_end(own_npz, tmp_path, fast_compile):
-  del fast_compile
+def test_search_and_retraining_on_own_data_end_to_end(own_npz, tmp_path):
   config = config_files.load(os.path.join(REPO, "experiments", "tiny.py")).get_config()
   config.data.name = "own"
   config.data.source = "npz"

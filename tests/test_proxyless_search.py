@@ -42,8 +42,8 @@ def two_device_run(tmp_path_factory, cifar10_subset_dir, data_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(two_device_run, fast_compile, tmp_path_factory, cifar10_subset_dir):
-  del two_device_run, fast_compile
+def reference_run(two_device_run, tmp_path_factory, cifar10_subset_dir):
+  del two_device_run
   workdir = str(tmp_path_factory.mktemp("reference"))
   return search.run(tiny_config(cifar10_subset_dir), workdir), workdir
 

@@ -79,8 +79,8 @@ def two_device_run(tmp_path_factory, cifar10_subset_dir, data_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(two_device_run, fast_compile, tmp_path_factory, cifar10_subset_dir):
-  del two_device_run, fast_compile  # started first so that it compiles concurrently
+def reference_run(two_device_run, tmp_path_factory, cifar10_subset_dir):
+  del two_device_run  # started first so that it compiles concurrently
   workdir = str(tmp_path_factory.mktemp("reference"))
   result = search.run(tiny_config(cifar10_subset_dir), workdir)
   return result, workdir
@@ -385,8 +385,7 @@ def truncate_largest_data_file(checkpoint_dir: str) -> str:
 
 
 def test_damaged_latest_checkpoint_is_skipped_and_resume_equals_resuming_the_older_one(
-    fast_compile, tmp_path, cifar10_subset_dir, caplog):
-  del fast_compile
+    tmp_path, cifar10_subset_dir, caplog):
   older, damaged = str(tmp_path / "older"), str(tmp_path / "damaged")
   search.run(tiny_config(cifar10_subset_dir, **{"debug.stop_after_steps": 3}), older)
   shutil.copytree(older, damaged)
