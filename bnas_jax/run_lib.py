@@ -340,8 +340,8 @@ class Run:
       steps: the number of steps of the whole stage.
       desc: the progress bar's label.
       flush: ``(carry, pos, seconds, steps) -> carry``: fetches the metrics of the steps since the
-        last flush (`seconds` of wall time over `steps` steps), raises on non-finite ones, writes
-        them. Called at every ``log_every_steps``-th global step, before a checkpoint and at the
+        last flush (`seconds` of wall time over `steps` steps, measured once the carry is computed:
+        steps are dispatched asynchronously), raises on non-finite ones, writes them. Called at every ``log_every_steps``-th global step, before a checkpoint and at the
         stage's last step.
       save: ``(carry, pos) -> None``: checkpoints the carry's state at `pos` (mid-stage only).
 
@@ -354,6 +354,13 @@ class Run:
                                enabled=bool(c.progress_bar) and self.is_main)
     window_start, window_steps = time.perf_counter(), 0
     every_save = int(c.checkpoint.every_steps)
+
+    def window_seconds(carry) -> float:
+      # The steps run asynchronously: the window ends when its last step has been computed, not
+      # when it was dispatched.
+      jax.block_until_ready(carry)
+      return time.perf_counter() - window_start
+
     try:
       for _ in range(pos.step, steps):
         batch = next(batches)
@@ -367,7 +374,7 @@ class Run:
         save_now = every_save > 0 and pos.global_step % every_save == 0 and pos.step < steps
         abort_now = 0 < int(debug.stop_after_steps) <= pos.global_step
         if log_now or save_now or abort_now:
-          carry = flush(carry, pos, time.perf_counter() - window_start, window_steps)
+          carry = flush(carry, pos, window_seconds(carry), window_steps)
           window_start, window_steps = time.perf_counter(), 0
           if save_now:
             save(carry, pos)
@@ -378,7 +385,7 @@ class Run:
         self._debug_signals(pos.global_step)
         if pos.step < steps and self.stop.agreed(at_log_step=log_now):
           if not log_now:  # flush and check the steps since the last log
-            carry = flush(carry, pos, time.perf_counter() - window_start, window_steps)
+            carry = flush(carry, pos, window_seconds(carry), window_steps)
           if not save_now:  # (else this step's checkpoint was just written)
             save(carry, pos)
           return carry, pos, STOPPED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,31 @@ def test_stage_loop_flushes_saves_and_debug_stop_aborts_without_checkpoint(tmp_p
     assert flushes == [(4, 2), (5, 1)] and saves == [4]
   finally:
     run.close()
+
+
+class _Pending:
+  """A carry leaf standing for a step still being computed: ready `delay` s after it is waited on."""
+
+  def __init__(self, delay):
+    self.delay = delay
+
+  def block_until_ready(self):
+    time.sleep(self.delay)
+    return self
+
+
+def test_step_time_covers_the_computation_not_only_the_dispatch(tmp_path):
+  # Steps are dispatched asynchronously; the window's seconds must include waiting for the last
+  # one (the search logged 0.3 s a step while the epoch ran at 1 s a step).
+  run = run_lib.Run(_config(), str(tmp_path))
+  seen = []
+  try:
+    run.train_stage(_Pending(0.3), run_lib.Position(), iter([None] * 2), lambda c, b: c, steps=2,
+                    desc="test", flush=lambda c, p, seconds, n: seen.append(seconds) or c,
+                    save=lambda c, p: None)
+  finally:
+    run.close()
+  assert len(seen) == 1 and seen[0] >= 0.3, seen
 
 
 def test_signal_at_step_checkpoints_that_step_and_restores_handlers(tmp_path):
