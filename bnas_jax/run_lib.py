@@ -341,8 +341,8 @@ class Run:
       desc: the progress bar's label.
       flush: ``(carry, pos, seconds, steps) -> carry``: fetches the metrics of the steps since the
         last flush (`seconds` of wall time over `steps` steps, measured once the carry is computed:
-        steps are dispatched asynchronously), raises on non-finite ones, writes them. Called at every ``log_every_steps``-th global step, before a checkpoint and at the
-        stage's last step.
+        steps are dispatched asynchronously), raises on non-finite ones, writes them. Called at
+        every ``log_every_steps``-th global step, before a checkpoint and at the stage's last step.
       save: ``(carry, pos) -> None``: checkpoints the carry's state at `pos` (mid-stage only).
 
     Returns:

@@ -17,10 +17,11 @@ shared/ is found as ``$BNAS_SHARED``, else ``<repo>/shared``, else ``<repo>/../s
 fresh clone with shared/ beside it).
 
 JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the data cache, and
-``jax_disable_most_optimizations`` on (also for the subprocesses the tests start): the suite is bound
-by compiling hundreds of tiny programs, whose XLA/LLVM optimisation costs more time than it saves.
-Numerics are unchanged up to float rounding. ``BNAS_TEST_FULL_OPT=1`` runs the suite with XLA's
-full optimisation, as users' runs compile.
+``jax_disable_most_optimizations`` on, also in the subprocesses the tests start (they inherit
+``JAX_DISABLE_MOST_OPTIMIZATIONS``): the suite is bound by compiling hundreds of tiny programs, whose
+XLA/LLVM optimisation costs more time than it saves. Numerics are unchanged up to float rounding.
+``BNAS_TEST_FULL_OPT=1`` runs the whole suite, subprocesses included, with XLA's full optimisation,
+as users' runs compile.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def pytest_configure(config):  # pylint: disable=unused-argument
   if os.environ.get('BNAS_TEST_FULL_OPT') != '1':
     jax.config.update('jax_disable_most_optimizations', True)
     os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # read by subprocesses' JAX at import
+  else:
+    os.environ.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None)
 
 
 @pytest.fixture(scope='session')

@@ -83,7 +83,6 @@ def two_device_search(config_arg: str, workdir: str, data_dir: str, cache_dir: s
   still running. Compiles with the shared persistent cache in `cache_dir`."""
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              JAX_COMPILATION_CACHE_DIR=os.path.join(cache_dir, "jax_compilation_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   cmd = [sys.executable, "-m", "bnas_jax.main", f"--config={config_arg}", f"--workdir={workdir}",

@@ -28,7 +28,7 @@ def load_experiment(name: str):
 
 
 def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "bnas_jax.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)

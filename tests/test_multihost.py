@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -82,7 +81,7 @@ def _free_port() -> int:
 def _env(data_cache_dir: str) -> dict[str, str]:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device per process
-  env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+  env.update(JAX_PLATFORMS="cpu",
              JAX_COMPILATION_CACHE_DIR=os.path.join(data_cache_dir, "jax_compilation_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1")
   return env
@@ -150,12 +149,7 @@ def two_process_run(tmp_path_factory, cifar10_subset_dir, data_cache_dir):
 @pytest.fixture(scope="module")
 def one_process_result(two_process_run, tmp_path_factory, cifar10_subset_dir):
   del two_process_run  # started first
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    return search.run(tiny_config(cifar10_subset_dir), str(tmp_path_factory.mktemp("one")))
-  finally:
-    jax.config.update("jax_disable_most_optimizations", old)
+  return search.run(tiny_config(cifar10_subset_dir), str(tmp_path_factory.mktemp("one")))
 
 
 @pytest.fixture(scope="module")
