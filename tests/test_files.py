@@ -1,9 +1,13 @@
-"""Tests of bnas_jax.files: atomic text writes."""
+"""Tests of bnas_jax.files (atomic text writes) and of config_files.write_config on a workdir."""
 
+import logging
 import os
 
+import ml_collections
 import pytest
 
+from bnas_jax import config_files
+from bnas_jax import errors
 from bnas_jax import files
 
 
@@ -42,9 +46,6 @@ def test_save_figure_writes_png_and_svg_and_closes_the_figure(tmp_path):
 def test_write_config_replaces_the_config_of_a_workdir_without_checkpoints(tmp_path, caplog):
   # An attempt that stopped at start-up (bad data, say) left a config.json and no checkpoint:
   # any field may change, said in an info line; with a checkpoint the change is refused.
-  import logging  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from bnas_jax import config_files, errors  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path)
   old = ml_collections.ConfigDict({"data": {"size": 100_000}, "seed": 0})
   new = ml_collections.ConfigDict({"data": {"size": 2_000}, "seed": 0})
