@@ -12,6 +12,7 @@ import numpy as np
 from bnas_jax import bayes
 from bnas_jax import search
 from bnas_jax import search_steps
+from bnas_jax import xla_flags
 from bnas_jax.data import sharding
 from bnas_jax.search_space import spaces
 
@@ -109,3 +110,41 @@ def test_zero_pruned_ops_moves_the_state_like_the_pruned_supernet():
     else:
       close(a, b)
   assert differ > 0
+
+
+def test_curvature_pass_is_compiled_with_its_own_options_and_agrees_with_the_default(monkeypatch):
+  """The runner jits its curvature pass with `xla_flags.curvature_compiler_options` (XLA:CPU's
+  backend level 1 under full optimisation): the same diagonal as the default compile."""
+  config = search.default_config()
+  config.space = "nb201"
+  config.model.init_channels = 4
+  config.model.num_cells = 1
+  config.curvature.kind = "ggn_fast"
+  mesh = sharding.make_mesh()
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)  # the options users' runs get
+  try:
+    options = xla_flags.curvature_compiler_options()
+    assert options == {"xla_backend_optimization_level": 1}
+    seen = []
+    monkeypatch.setattr(xla_flags, "curvature_compiler_options",
+                        lambda platform=None: seen.append(platform) or options)
+    # Unmemoised: other tests build the same key with the suite's settings.
+    fns = search_steps.step_fns.__wrapped__(search_steps.StepKey.create(config, 10, None, mesh))
+    assert seen == ["cpu"]
+    counts = search_steps.cell_counts(config)
+    shapes = spaces.get_space("nb201").switch_shapes(counts)
+    state = jax.jit(lambda k: search_steps.init_state(config, 10, shapes, k, (16, 16, 3)))(
+        search_steps.init_key(0))
+    rng = np.random.default_rng(3)
+    batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, size=(4,)), jnp.int32)}
+    variables = {k: state[k] for k in ("params", "batch_stats")}
+    args = (state["switches"], variables, batch, None)
+    level1 = fns.curvature_fn(*args)
+    default = jax.jit(fns.curvature_fn._fn.__wrapped__)(*args)  # pylint: disable=protected-access
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+  for a, b in zip(jax.tree.leaves(level1), jax.tree.leaves(default)):
+    assert np.all(np.isfinite(a)) and np.any(a > 0)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * float(np.max(b)))

@@ -1,9 +1,11 @@
 """The compilation-cache guard of `bnas_jax.xla_flags`: CPU executables with more kernel objects
 than `MAX_CPU_OBJECTS` are neither loaded from nor stored into JAX's persistent cache (XLA:CPU
-segfaults reloading them); everything else passes through unchanged."""
+segfaults reloading them); everything else passes through unchanged. And the curvature pass's own
+compiler options."""
 
 import types
 
+import jax
 from jax._src import compilation_cache as cc
 
 from bnas_jax import xla_flags
@@ -78,3 +80,16 @@ def test_the_guard_is_installed_once():
   assert getattr(first, "_bnas_guard", False)
   xla_flags._guard_cpu_cache()  # pylint: disable=protected-access
   assert cc.get_executable_and_time is first
+
+
+def test_curvature_options_level_1_on_cpu_only_under_full_optimisation():
+  old = jax.config.read("jax_disable_most_optimizations")
+  try:
+    jax.config.update("jax_disable_most_optimizations", True)  # as in this suite
+    assert xla_flags.curvature_compiler_options("cpu") is None
+    jax.config.update("jax_disable_most_optimizations", False)
+    assert xla_flags.curvature_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
+    assert xla_flags.curvature_compiler_options("gpu") is None
+    assert xla_flags.curvature_compiler_options("tpu") is None
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
