@@ -38,6 +38,7 @@ CONFIGS = {
     "nb201_cpu": ("nb201", 8, 1, 32),
     "bayesnas_official": ("bayesnas", 36, 8, 18),
     "darts_official": ("darts", 16, 8, 64),
+    "nb201_official": ("nb201", 16, 5, 64),  # experiments/nb201_cifar10.py (no variant)
 }
 CPU_CONFIGS = ("bayesnas_cpu", "darts_cpu", "nb201_cpu")
 
@@ -128,7 +129,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.cache_dir:
     xla_flags.configure_cache(args.cache_dir)
-  names = {"cpu": list(CPU_CONFIGS), "official": ["bayesnas_official", "darts_official"],
+  names = {"cpu": list(CPU_CONFIGS),
+           "official": ["bayesnas_official", "darts_official", "nb201_official"],
            "all": list(CONFIGS)}.get(args.configs, args.configs.split(","))
   for nm in names:
     if nm not in CONFIGS:

@@ -353,11 +353,11 @@ def step_fns(key: StepKey) -> StepFns:
       and key.curvature_kind not in curvature_lib.REVERSE_MODE_KINDS):
     curv_model = model.clone(dw_impl="shift")
   opts = {"chunk_size": key.curvature_chunk_size} if key.curvature_chunk_size > 0 else {}
-  # Compiled at XLA:CPU's backend optimisation level 1 (`xla_flags.curvature_compiler_options`).
-  curvature_fn = jax.jit(curvature_lib.make_curvature_fn(
-      key.curvature_kind, functools.partial(curvature_apply, curv_model), jit=False, **opts),
-                         compiler_options=xla_flags.curvature_compiler_options(
-                             key.mesh.devices.flat[0].platform))
+  curvature = curvature_lib.make_curvature_fn(
+      key.curvature_kind, functools.partial(curvature_apply, curv_model), jit=False, **opts)
+  # On a CPU at XLA's backend optimisation level 1 (`xla_flags.curvature_compiler_options`).
+  curvature_fn = jax.jit(curvature, compiler_options=xla_flags.curvature_compiler_options(
+      key.mesh.devices.flat[0].platform))
 
   replicated = NamedSharding(key.mesh, P())
   logged = functools.partial(phases.LoggedJit, detail=key.describe(), program=repr(

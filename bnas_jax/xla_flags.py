@@ -71,10 +71,9 @@ def curvature_compiler_options(platform: Optional[str] = None) -> Optional[dict]
   """XLA compiler options for the search's curvature pass (``jax.jit(..., compiler_options=)``).
 
   On a CPU: ``{'xla_backend_optimization_level': 1}`` (XLA's default is 3). The curvature pass
-  runs a few times per outer iteration, and at level 1 the `ggn_fast` pass of the CPU proxy
-  supernet compiles in about 20 % less time and also runs about 20 % faster; the paper's
-  `recursive` pass compiles about 17 % faster and runs about 15 % slower (a fraction of a training
-  step per batch). The values agree with the default compile to float32 rounding.
+  runs a few times per outer iteration; at level 1 the `ggn_fast` pass of the CPU proxy supernet
+  compiles in about a fifth less time and also runs faster (`bench/bench_opt_level.py`). The
+  values agree with the default compile to float32 rounding.
 
   Args:
     platform: the backend's platform name; default `jax.default_backend()`.
