@@ -122,6 +122,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.curvature.num_batches = 10  # M (spec 6.4 suggests 10-50; the original used 1)
   c.curvature.batch_size = -1  # -1: = search.batch_size
   c.curvature.chunk_size = -1  # > 0: passes per vectorised call (memory); -1: estimator default
+  # XLA:CPU backend optimisation level of the curvature pass (3: XLA's default; 1 compiles the
+  # CPU proxy's ggn_fast pass a fifth faster and runs it faster, but changes H by float rounding,
+  # which moves the found cells: docs/performance.md). Ignored on other platforms.
+  c.curvature.cpu_opt_level = 3
 
   c.nb201 = ml_collections.ConfigDict()
   c.nb201.table = ml_collections.config_dict.placeholder(str)  # None: bnas_jax.nb201 default
@@ -154,6 +158,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.curvature.kind not in curvature_lib.CURVATURE_FNS:
     raise errors.ConfigError(f"config.curvature.kind={config.curvature.kind!r}; choose one of "
                              f"{sorted(curvature_lib.CURVATURE_FNS)}")
+  if config.curvature.get("cpu_opt_level", 3) not in (0, 1, 2, 3):
+    raise errors.ConfigError(f"config.curvature.cpu_opt_level={config.curvature.cpu_opt_level!r}; "
+                             "use an XLA backend optimisation level 0-3 (3: XLA's default)")
   if config.curvature.num_batches < 1:
     raise errors.ConfigError("config.curvature.num_batches must be >= 1")
   config_files.check_batch_sizes({"search.batch_size": config.search.batch_size,

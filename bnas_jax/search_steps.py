@@ -281,6 +281,7 @@ class StepKey:
   prune: tuple[tuple[str, Any], ...]  # bayes.update's keywords
   curvature_kind: str
   curvature_chunk_size: int
+  curvature_cpu_opt_level: int = 3
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, num_classes: int,
@@ -302,7 +303,8 @@ class StepKey:
         prune=(("prune_threshold", float(b.prune_threshold)), ("prune_mode", str(b.prune_mode)),
                ("eps_omega", float(b.eps_omega)), ("fidelity", bool(b.fidelity))),
         curvature_kind=str(config.curvature.kind),
-        curvature_chunk_size=int(config.curvature.chunk_size))
+        curvature_chunk_size=int(config.curvature.chunk_size),
+        curvature_cpu_opt_level=int(config.curvature.get("cpu_opt_level", 3)))
 
   def describe(self) -> str:
     """What is compiled, for the compile log lines."""
@@ -355,15 +357,15 @@ def step_fns(key: StepKey) -> StepFns:
   opts = {"chunk_size": key.curvature_chunk_size} if key.curvature_chunk_size > 0 else {}
   curvature = curvature_lib.make_curvature_fn(
       key.curvature_kind, functools.partial(curvature_apply, curv_model), jit=False, **opts)
-  # On a CPU at XLA's backend optimisation level 1 (`xla_flags.curvature_compiler_options`).
+  # `curvature.cpu_opt_level` (`xla_flags.curvature_compiler_options`).
   curvature_fn = jax.jit(curvature, compiler_options=xla_flags.curvature_compiler_options(
-      key.mesh.devices.flat[0].platform))
+      key.curvature_cpu_opt_level, key.mesh.devices.flat[0].platform))
 
   replicated = NamedSharding(key.mesh, P())
   logged = functools.partial(phases.LoggedJit, detail=key.describe(), program=repr(
       (key.space, key.model_options, key.num_classes, key.alive, key.optimizer,
        key.lambda_origin, key.lambda_op, key.proximal, key.eval_batch_bn, key.prune,
-       key.curvature_kind, key.curvature_chunk_size)))
+       key.curvature_kind, key.curvature_chunk_size, key.curvature_cpu_opt_level)))
   train_fn = logged(jax.jit(train, donate_argnums=(0, 1), out_shardings=(replicated, replicated)),
                     "train step")
   return StepFns(

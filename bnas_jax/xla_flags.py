@@ -8,10 +8,12 @@ again: re-runs of a test, a resumed search, the same pruning mask in a later pro
 XLA flags were screened on CPU and none is switched on globally: the ones that shorten the compile
 (optimisation level 0) slow the step down far more, and the rest (LLVM expensive passes, fusion
 emitters, codegen split count, YNNPACK fusions, the oneDNN custom call for grouped convolutions)
-were within noise or slower. One program gets its own level: `curvature_compiler_options` compiles
-the search's curvature pass at backend optimisation level 1 on a CPU, which compiles it faster and
-runs the default estimator faster too (the train and eval steps run slower at level 1 and keep the
-default). The figures are in docs/performance.md.
+were within noise or slower. One program may get its own level: with
+``config.curvature.cpu_opt_level=1`` (`curvature_compiler_options`) the search's curvature pass
+compiles at backend optimisation level 1 on a CPU, faster to compile and, for the default
+estimator, to run (the train and eval steps run slower at level 1). It is off by default because
+it changes the curvature by rounding and with it the found cells. The figures are in
+docs/performance.md.
 
 `configure_cache` enables the persistent cache and guards it against a crash of XLA:CPU: reloading
 a CPU executable made of thousands of kernel objects recurses once per object on a worker thread
@@ -63,29 +65,27 @@ def configure_cache(cache_dir: Optional[str] = None, *, min_compile_time_s: floa
   return cache_dir
 
 
-# XLA:CPU backend (LLVM) optimisation level of the curvature pass (`curvature_compiler_options`).
-CURVATURE_CPU_OPTIMIZATION_LEVEL = 1
-
-
-def curvature_compiler_options(platform: Optional[str] = None) -> Optional[dict]:
+def curvature_compiler_options(level: int = 3, platform: Optional[str] = None) -> Optional[dict]:
   """XLA compiler options for the search's curvature pass (``jax.jit(..., compiler_options=)``).
 
-  On a CPU: ``{'xla_backend_optimization_level': 1}`` (XLA's default is 3). The curvature pass
-  runs a few times per outer iteration; at level 1 the `ggn_fast` pass of the CPU proxy supernet
-  compiles in about a fifth less time and also runs faster (`bench/bench_opt_level.py`). The
-  values agree with the default compile to float32 rounding.
+  ``config.curvature.cpu_opt_level``: on a CPU, a `level` below XLA's default 3 gives
+  ``{'xla_backend_optimization_level': level}``. The curvature pass runs a few times per outer
+  iteration; at level 1 the `ggn_fast` pass of the CPU proxy supernet compiles in about a fifth
+  less time and also runs faster (`bench/bench_opt_level.py`). Its values then differ from the
+  default compile's by float32 rounding, which the search amplifies: the found cells change.
 
   Args:
+    level: XLA backend optimisation level, 0-3 (3: XLA's default).
     platform: the backend's platform name; default `jax.default_backend()`.
 
   Returns:
-    The options, or None (XLA's defaults) on other platforms, where this was not measured, and
-    when ``jax_disable_most_optimizations`` is on (level 0 then applies to every program).
+    The options, or None (XLA's defaults) for level 3, on other platforms (not measured there),
+    and when ``jax_disable_most_optimizations`` is on (level 0 then applies to every program).
   """
   platform = platform or jax.default_backend()
-  if platform != "cpu" or jax.config.read("jax_disable_most_optimizations"):
+  if level == 3 or platform != "cpu" or jax.config.read("jax_disable_most_optimizations"):
     return None
-  return {"xla_backend_optimization_level": CURVATURE_CPU_OPTIMIZATION_LEVEL}
+  return {"xla_backend_optimization_level": int(level)}
 
 
 def count_objects(serialized: bytes) -> int:

@@ -112,26 +112,28 @@ def test_zero_pruned_ops_moves_the_state_like_the_pruned_supernet():
   assert differ > 0
 
 
-def test_curvature_pass_is_compiled_with_its_own_options_and_agrees_with_the_default(monkeypatch):
-  """The runner jits its curvature pass with `xla_flags.curvature_compiler_options` (XLA:CPU's
-  backend level 1 under full optimisation): the same diagonal as the default compile."""
+def test_curvature_cpu_opt_level_reaches_the_compile_and_keeps_the_diagonal(monkeypatch):
+  """``curvature.cpu_opt_level=1`` jits the runner's curvature pass with
+  `xla_flags.curvature_compiler_options` (XLA:CPU's backend level 1 under full optimisation): the
+  same diagonal as the default compile, to float32 rounding."""
   config = search.default_config()
   config.space = "nb201"
   config.model.init_channels = 4
   config.model.num_cells = 1
   config.curvature.kind = "ggn_fast"
+  config.curvature.cpu_opt_level = 1
   mesh = sharding.make_mesh()
   old = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)  # the options users' runs get
   try:
-    options = xla_flags.curvature_compiler_options()
+    options = xla_flags.curvature_compiler_options(1, "cpu")
     assert options == {"xla_backend_optimization_level": 1}
     seen = []
     monkeypatch.setattr(xla_flags, "curvature_compiler_options",
-                        lambda platform=None: seen.append(platform) or options)
+                        lambda level, platform=None: seen.append((level, platform)) or options)
     # Unmemoised: other tests build the same key with the suite's settings.
     fns = search_steps.step_fns.__wrapped__(search_steps.StepKey.create(config, 10, None, mesh))
-    assert seen == ["cpu"]
+    assert seen == [(1, "cpu")]
     counts = search_steps.cell_counts(config)
     shapes = spaces.get_space("nb201").switch_shapes(counts)
     state = jax.jit(lambda k: search_steps.init_state(config, 10, shapes, k, (16, 16, 3)))(

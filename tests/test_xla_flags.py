@@ -7,7 +7,10 @@ import types
 
 import jax
 from jax._src import compilation_cache as cc
+import pytest
 
+from bnas_jax import errors
+from bnas_jax import search_config
 from bnas_jax import xla_flags
 
 ELF = b"\x7fELF"
@@ -82,14 +85,23 @@ def test_the_guard_is_installed_once():
   assert cc.get_executable_and_time is first
 
 
-def test_curvature_options_level_1_on_cpu_only_under_full_optimisation():
+def test_curvature_options_only_below_level_3_on_cpu_under_full_optimisation():
   old = jax.config.read("jax_disable_most_optimizations")
   try:
     jax.config.update("jax_disable_most_optimizations", True)  # as in this suite
-    assert xla_flags.curvature_compiler_options("cpu") is None
+    assert xla_flags.curvature_compiler_options(1, "cpu") is None
     jax.config.update("jax_disable_most_optimizations", False)
-    assert xla_flags.curvature_compiler_options("cpu") == {"xla_backend_optimization_level": 1}
-    assert xla_flags.curvature_compiler_options("gpu") is None
-    assert xla_flags.curvature_compiler_options("tpu") is None
+    assert xla_flags.curvature_compiler_options(1, "cpu") == {"xla_backend_optimization_level": 1}
+    assert xla_flags.curvature_compiler_options(2, "cpu") == {"xla_backend_optimization_level": 2}
+    assert xla_flags.curvature_compiler_options(3, "cpu") is None  # XLA's default
+    assert xla_flags.curvature_compiler_options(1, "gpu") is None
+    assert xla_flags.curvature_compiler_options(1, "tpu") is None
   finally:
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+def test_bad_curvature_cpu_opt_level_is_a_config_error_naming_the_field():
+  config = search_config.default_config()
+  config.curvature.cpu_opt_level = 7
+  with pytest.raises(errors.ConfigError, match="curvature.cpu_opt_level=7"):
+    search_config.check_config(config)
