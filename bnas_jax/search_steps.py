@@ -281,7 +281,7 @@ class StepKey:
   prune: tuple[tuple[str, Any], ...]  # bayes.update's keywords
   curvature_kind: str
   curvature_chunk_size: int
-  curvature_cpu_opt_level: int = 3
+  curvature_cpu_opt_level: int  # XLA:CPU backend level of the curvature pass
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, num_classes: int,

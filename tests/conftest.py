@@ -75,3 +75,13 @@ def cifar10_bin_dir(data_cache_dir, shared_dir) -> str:
 def cifar10_subset_dir(data_cache_dir, shared_dir) -> str:
   """Path of the lossless 4,000/1,000 CIFAR-10 subset in the binary layout."""
   return prepare.build_cifar10_subset_from_shared(data_cache_dir, shared_dir)
+
+
+@pytest.fixture
+def full_xla_optimisation():
+  """Turns ``jax_disable_most_optimizations`` off for one test (the settings users' runs compile
+  with) and restores the suite's setting afterwards."""
+  old = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)

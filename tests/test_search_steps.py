@@ -112,7 +112,8 @@ def test_zero_pruned_ops_moves_the_state_like_the_pruned_supernet():
   assert differ > 0
 
 
-def test_curvature_cpu_opt_level_reaches_the_compile_and_keeps_the_diagonal(monkeypatch):
+def test_curvature_cpu_opt_level_reaches_the_compile_and_keeps_the_diagonal(
+    monkeypatch, full_xla_optimisation):
   """``curvature.cpu_opt_level=1`` jits the runner's curvature pass with
   `xla_flags.curvature_compiler_options` (XLA:CPU's backend level 1 under full optimisation): the
   same diagonal as the default compile, to float32 rounding."""
@@ -123,30 +124,25 @@ def test_curvature_cpu_opt_level_reaches_the_compile_and_keeps_the_diagonal(monk
   config.curvature.kind = "ggn_fast"
   config.curvature.cpu_opt_level = 1
   mesh = sharding.make_mesh()
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", False)  # the options users' runs get
-  try:
-    options = xla_flags.curvature_compiler_options(1, "cpu")
-    assert options == {"xla_backend_optimization_level": 1}
-    seen = []
-    monkeypatch.setattr(xla_flags, "curvature_compiler_options",
-                        lambda level, platform=None: seen.append((level, platform)) or options)
-    # Unmemoised: other tests build the same key with the suite's settings.
-    fns = search_steps.step_fns.__wrapped__(search_steps.StepKey.create(config, 10, None, mesh))
-    assert seen == [(1, "cpu")]
-    counts = search_steps.cell_counts(config)
-    shapes = spaces.get_space("nb201").switch_shapes(counts)
-    state = jax.jit(lambda k: search_steps.init_state(config, 10, shapes, k, (16, 16, 3)))(
-        search_steps.init_key(0))
-    rng = np.random.default_rng(3)
-    batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, size=(4,)), jnp.int32)}
-    variables = {k: state[k] for k in ("params", "batch_stats")}
-    args = (state["switches"], variables, batch, None)
-    level1 = fns.curvature_fn(*args)
-    default = jax.jit(fns.curvature_fn._fn.__wrapped__)(*args)  # pylint: disable=protected-access
-  finally:
-    jax.config.update("jax_disable_most_optimizations", old)
+  options = xla_flags.curvature_compiler_options(1, "cpu")
+  assert options == {"xla_backend_optimization_level": 1}
+  seen = []
+  monkeypatch.setattr(xla_flags, "curvature_compiler_options",
+                      lambda level, platform=None: seen.append((level, platform)) or options)
+  # Unmemoised: other tests build the same key with the suite's settings.
+  fns = search_steps.step_fns.__wrapped__(search_steps.StepKey.create(config, 10, None, mesh))
+  assert seen == [(1, "cpu")]
+  counts = search_steps.cell_counts(config)
+  shapes = spaces.get_space("nb201").switch_shapes(counts)
+  state = jax.jit(lambda k: search_steps.init_state(config, 10, shapes, k, (16, 16, 3)))(
+      search_steps.init_key(0))
+  rng = np.random.default_rng(3)
+  batch = {"image": jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, size=(4,)), jnp.int32)}
+  variables = {k: state[k] for k in ("params", "batch_stats")}
+  args = (state["switches"], variables, batch, None)
+  level1 = fns.curvature_fn(*args)
+  default = jax.jit(fns.curvature_fn._fn.__wrapped__)(*args)  # pylint: disable=protected-access
   for a, b in zip(jax.tree.leaves(level1), jax.tree.leaves(default)):
     assert np.all(np.isfinite(a)) and np.any(a > 0)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * float(np.max(b)))

@@ -85,19 +85,17 @@ def test_the_guard_is_installed_once():
   assert cc.get_executable_and_time is first
 
 
-def test_curvature_options_only_below_level_3_on_cpu_under_full_optimisation():
-  old = jax.config.read("jax_disable_most_optimizations")
-  try:
-    jax.config.update("jax_disable_most_optimizations", True)  # as in this suite
-    assert xla_flags.curvature_compiler_options(1, "cpu") is None
-    jax.config.update("jax_disable_most_optimizations", False)
-    assert xla_flags.curvature_compiler_options(1, "cpu") == {"xla_backend_optimization_level": 1}
-    assert xla_flags.curvature_compiler_options(2, "cpu") == {"xla_backend_optimization_level": 2}
-    assert xla_flags.curvature_compiler_options(3, "cpu") is None  # XLA's default
-    assert xla_flags.curvature_compiler_options(1, "gpu") is None
-    assert xla_flags.curvature_compiler_options(1, "tpu") is None
-  finally:
-    jax.config.update("jax_disable_most_optimizations", old)
+def test_curvature_options_none_with_most_optimisations_disabled(full_xla_optimisation):
+  jax.config.update("jax_disable_most_optimizations", True)  # the fixture restores the setting
+  assert xla_flags.curvature_compiler_options(1, "cpu") is None
+
+
+def test_curvature_options_only_below_level_3_on_cpu(full_xla_optimisation):
+  assert xla_flags.curvature_compiler_options(1, "cpu") == {"xla_backend_optimization_level": 1}
+  assert xla_flags.curvature_compiler_options(2, "cpu") == {"xla_backend_optimization_level": 2}
+  assert xla_flags.curvature_compiler_options(3, "cpu") is None  # XLA's default
+  assert xla_flags.curvature_compiler_options(1, "gpu") is None
+  assert xla_flags.curvature_compiler_options(1, "tpu") is None
 
 
 def test_bad_curvature_cpu_opt_level_is_a_config_error_naming_the_field():
