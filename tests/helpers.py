@@ -4,16 +4,20 @@
 * `TINY_DARTS_CELL`: a small darts genotype for retraining tests;
 * `tiny_retrain_config`: the retraining config of a 2-cell, C = 4 network of that cell on the
   lossless subset, a few steps per epoch;
-* `two_device_search`: a search on 2 simulated CPU devices in a subprocess (a fixture's body).
+* `two_device_search`: a search on 2 simulated CPU devices in a subprocess (a fixture's body);
+* `jit_init`: a flax module's ``init`` as one compiled program.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
 from typing import Any, Iterator, Mapping
+
+import jax
 
 from bnas_jax import config_files
 from bnas_jax import genotype as genotype_lib
@@ -31,6 +35,13 @@ TINY_DARTS_CELL = genotype_lib.Genotype(
             (3, 2, "skip_connect"), (4, 2, "skip_connect"), (4, 3, "avg_pool_3x3"),
             (5, 2, "skip_connect"), (5, 4, "skip_connect")),
     normal_concat=(2, 3, 4, 5), reduce_concat=(2, 3, 4, 5))
+
+
+def jit_init(module, *args, **kwargs):
+  """``module.init(*args, **kwargs)`` compiled as one program. Called eagerly, flax's init runs
+  every parameter initialiser op by op, each a program of its own: tens of seconds for a
+  PyramidNet or a reduction cell, every time a test process starts. `kwargs` are static."""
+  return jax.jit(functools.partial(module.init, **kwargs))(*args)
 
 
 def set_dotted(config, overrides: Mapping[str, Any]):

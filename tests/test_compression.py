@@ -111,7 +111,8 @@ SMALL_VGG = networks.vgg_like(scale=1 / 16, dropout=False)
 
 
 def _random_variables(arch, seed=0):
-  v = networks.init_variables(arch, jax.random.key(seed))
+  # One compiled program (eager, every initialiser is dispatched op by op).
+  v = jax.jit(networks.init_variables, static_argnums=0)(arch, jax.random.key(seed))
   if "batch_stats" in v:  # non-trivial running statistics and BN affine
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
     v["batch_stats"] = jax.tree_util.tree_map_with_path(

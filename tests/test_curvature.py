@@ -19,6 +19,8 @@ import pytest
 
 from bnas_jax import curvature
 
+import helpers
+
 B, D, H1, H2, C = 5, 6, 4, 3, 4
 
 
@@ -103,7 +105,7 @@ def _conv_problem(use_bn):
   kx, ky, ki, ks = jax.random.split(jax.random.PRNGKey(2), 4)
   images = jax.random.normal(kx, (4, 5, 5, 2), dtype=jnp.float64)
   switches = {"ops": jax.random.uniform(ks, (2, 3), jnp.float64, 0.5, 1.5)}
-  variables = model.init(ki, images, switches, train=True)
+  variables = helpers.jit_init(model, ki, images, switches, train=True)
   batch = {"image": images, "label": jax.random.randint(ky, (4,), 0, C)}
   return conv_apply_fn(model), switches, dict(variables), batch
 
@@ -410,6 +412,11 @@ def test_all_kinds_agree_per_switch_with_fixed_batch_stats(frozen_supernet):
   fisher = [flat(fisher_fn(switches, variables, batch, jax.random.PRNGKey(k))) for k in range(24)]
   mean, se = _mean_and_stderr(fisher)
   assert (np.abs(mean - ggn) <= 5 * se + 1e-9 * ggn.max()).all(), np.max(np.abs(mean - ggn) / se)
+  if not small:
+    # Hutchinson's probes of the Hessian-vector product on the small case only: the estimator
+    # does not depend on the space, and its float64 program was the costliest compile here; the
+    # forward-mode derivatives of the bayesnas ops are checked by the exact `hessian` kind above.
+    return
   hut = jax.jit(lambda k: jax.vmap(flat_tree)(curvature.hutchinson_samples(
       apply_fn, switches, variables, batch, k, num_probes=256, chunk_size=64)))
   mean, se = _mean_and_stderr(hut(jax.random.PRNGKey(1)))

@@ -24,6 +24,8 @@ from bnas_jax.models import tree_supernet
 from bnas_jax.search_space import spaces
 from bnas_jax.search_space import tree
 
+import helpers
+
 # ---- the backbone ---------------------------------------------------------------------------------
 
 
@@ -69,7 +71,7 @@ def test_tree_cell_a_forward_equals_the_spec_formulas():
   c, key = 8, jax.random.key(1)
   model = pn.TreeCellNet(tree.TREE_CELL_A, c, 2, 2)
   x = jax.random.normal(key, (2, 8, 8, c))
-  v = model.init(jax.random.key(2), x, train=False)
+  v = helpers.jit_init(model, jax.random.key(2), x, train=False)
   # Non-trivial running statistics, so that eval-mode batch norms are not the identity.
   v = {"params": v["params"], "batch_stats": jax.tree.map(
       lambda a: a + 0.3 * jax.random.uniform(key, a.shape), v["batch_stats"])}
@@ -115,14 +117,16 @@ def test_drop_path_zeroes_or_rescales_a_whole_branch():
 def test_pyramidnet_forward_shapes_and_drop_path_only_in_training():
   model = pn.create_pyramidnet("tree_cell_b", 1, 4, 2, num_classes=7, dw_impl="shift")
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  v = model.init(jax.random.key(1), x, train=False)
-  logits, aux = model.apply(v, x, train=False, drop_prob=0.5)
+  v = helpers.jit_init(model, jax.random.key(1), x, train=False)
+  # Compiled: run eagerly, every op of the first call is compiled on its own (about 25 s here).
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  logits, aux = apply(v, x, train=False, drop_prob=0.5)
   assert logits.shape == (2, 7) and aux is None
-  again, _ = model.apply(v, x, train=False)
+  again, _ = apply(v, x, train=False)
   np.testing.assert_array_equal(logits, again)  # eval mode: no drop
-  (a, _), _ = model.apply(v, x, train=True, drop_prob=0.0, rngs={"dropout": jax.random.key(3)},
-                          mutable=["batch_stats"])
-  (b, _), _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+  (a, _), _ = apply(v, x, train=True, drop_prob=0.0, rngs={"dropout": jax.random.key(3)},
+                    mutable=("batch_stats",))
+  (b, _), _ = apply(v, x, train=True, mutable=("batch_stats",))
   np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -256,7 +260,7 @@ def test_dead_parent_removes_its_subtree_from_the_supernet():
   pruned = full.clone(alive=rows)
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
   sw = jnp.ones((12, 8))
-  v = full.init(jax.random.key(1), x, train=False, sw=sw)
+  v = helpers.jit_init(full, jax.random.key(1), x, train=False, sw=sw)
 
   def loss(switches, params):
     out, _ = pruned.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
@@ -336,8 +340,8 @@ def test_scanned_supernet_cell_equals_the_edge_by_edge_formula(pruned_ops, maske
   cell = tree_supernet.SupernetCell("tree", 4, 2, 2, rows, "lax", pruned_ops)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   sw = jax.random.uniform(jax.random.key(2), (12, 8), minval=0.5, maxval=1.5)
-  v = tree_supernet.SupernetCell("tree", 4, 2, 2, None, "lax").init(jax.random.key(1), x,
-                                                                     train=False, sw=sw)
+  v = helpers.jit_init(tree_supernet.SupernetCell("tree", 4, 2, 2, None, "lax"),
+                       jax.random.key(1), x, train=False, sw=sw)
   assert v["params"]["edges"]["sep_7x7"]["depthwise"].shape == (12, 7, 7, 4)
   for train in (False, True):
     for s in (sw, jnp.stack([sw, 2.0 * sw])):

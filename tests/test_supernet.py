@@ -8,6 +8,8 @@ import pytest
 from bnas_jax.models import supernet as sn
 from bnas_jax.search_space import spaces
 
+import helpers
+
 
 def _count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
@@ -181,7 +183,7 @@ def _cell_case(space, cell_type, edge_loop="scan", alive=None, dw_impl="lax"):
                  for _ in range(topo.num_inputs))
   sw = jnp.asarray(rng.uniform(0.5, 1.5, size=sp.group_shape(cell_type)), jnp.float32)
   cell = sn.Cell(space, c, cell_type, alive, False, dw_impl, edge_loop)
-  variables = cell.init(jax.random.key(0), inputs, sw, train=True)
+  variables = helpers.jit_init(cell, jax.random.key(0), inputs, sw, train=True)
   return sp, topo, cell, variables, inputs, sw
 
 
@@ -270,7 +272,7 @@ def test_param_free_bn_normalises_skip_and_pool_outputs():
   x = jnp.asarray(rng.normal(2.0, 3.0, size=(4, 6, 6, 5)), jnp.float32)
   sp = spaces.get_space("nb201")
   mod = sn.EdgeOps(sp.family, tuple(sp.ops), 5, 1, None, False, "lax", "lax", True)
-  variables = mod.init(jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
+  variables = helpers.jit_init(mod, jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
   assert {"skip_connect_bn", "avg_pool_3x3_bn"} <= set(variables["batch_stats"])
   for k, name in enumerate(sp.ops):
     if name not in ("skip_connect", "avg_pool_3x3"):
@@ -285,7 +287,7 @@ def test_param_free_bn_normalises_skip_and_pool_outputs():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   # Off (the default), the identity passes s_0 x through unchanged.
   plain = sn.EdgeOps(sp.family, tuple(sp.ops), 5, 1, None, False, "lax", "lax")
-  pv = plain.init(jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
+  pv = helpers.jit_init(plain, jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
   s = np.zeros(1 + len(sp.ops), np.float32)
   s[0], s[1 + sp.ops.index("skip_connect")] = 0.5, 2.0
   np.testing.assert_allclose(plain.apply(pv, x, jnp.asarray(s), train=True,
@@ -301,7 +303,7 @@ def test_pool_bn_normalises_the_pool_only():
   x = jnp.asarray(rng.normal(-1.0, 2.0, size=(4, 6, 6, 5)), jnp.float32)
   sp = spaces.get_space("nb201")
   mod = sn.EdgeOps(sp.family, tuple(sp.ops), 5, 1, None, False, "lax", "lax", False, True)
-  variables = mod.init(jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
+  variables = helpers.jit_init(mod, jax.random.key(0), x, jnp.ones(1 + len(sp.ops)), train=True)
   assert "avg_pool_3x3_bn" in variables["batch_stats"]
   assert "skip_connect_bn" not in variables["batch_stats"]
   s = np.zeros(1 + len(sp.ops), np.float32)
