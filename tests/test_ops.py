@@ -1,5 +1,7 @@
 """Tests of the candidate ops (bnas_jax.models.ops) and conv primitives (bnas_jax.models.layers)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -113,14 +115,16 @@ def test_fast_depthwise_equals_lax_conv(k, stride, dilation, impl):
                                  rhs_dilation=(dilation, dilation),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                  feature_group_count=5)
-  fast = layers.depthwise_conv(x, w, stride=stride, padding=pad, dilation=dilation, impl=impl)
+  # Each side compiled as one program (eagerly, every op would be compiled on its own).
+  fast = jax.jit(functools.partial(layers.depthwise_conv, stride=stride, padding=pad,
+                                   dilation=dilation, impl=impl))(x, w)
   np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-5)
   # Gradients (the backward pass is a different computation) agree as well.
   ct = _x(ref.shape, seed=2)
-  g_fast = jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
-      a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1))(x, w)
-  g_ref = jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
-      a, b, stride=stride, padding=pad, dilation=dilation, impl="lax")), argnums=(0, 1))(x, w)
+  g_fast = jax.jit(jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
+      a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1)))(x, w)
+  g_ref = jax.jit(jax.grad(lambda a, b: jnp.sum(ct * layers.depthwise_conv(
+      a, b, stride=stride, padding=pad, dilation=dilation, impl="lax")), argnums=(0, 1)))(x, w)
   for a, b in zip(g_fast, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -133,11 +137,12 @@ def test_im2col_conv_equals_lax_conv_with_gradients(k, stride, dilation):
   ref = lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
                                  rhs_dilation=(dilation, dilation),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got = layers.conv(x, w, stride=stride, padding=pad, dilation=dilation, impl="im2col")
+  got = jax.jit(functools.partial(layers.conv, stride=stride, padding=pad, dilation=dilation,
+                                  impl="im2col"))(x, w)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   ct = _x(ref.shape, seed=2)
-  grads = [jax.grad(lambda a, b, impl=impl: jnp.sum(ct * layers.conv(
-      a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1))(x, w)
+  grads = [jax.jit(jax.grad(lambda a, b, impl=impl: jnp.sum(ct * layers.conv(
+      a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1)))(x, w)
            for impl in ("im2col", "lax")]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -191,10 +196,10 @@ def test_max_pool_value_and_gradient_equal_reduce_window(stride, pad_value, impl
 
   fast = lambda a: layers.max_pool(a, 3, stride=stride, padding=1, pad_value=pad_value,
                                    impl=impl)
-  np.testing.assert_array_equal(fast(x), ref(x))
+  np.testing.assert_array_equal(jax.jit(fast)(x), jax.jit(ref)(x))
   ct = _x(ref(x).shape, seed=3)
-  g_fast = jax.grad(lambda a: jnp.sum(ct * fast(a)))(x)
-  g_ref = jax.grad(lambda a: jnp.sum(ct * ref(a)))(x)
+  g_fast = jax.jit(jax.grad(lambda a: jnp.sum(ct * fast(a))))(x)
+  g_ref = jax.jit(jax.grad(lambda a: jnp.sum(ct * ref(a))))(x)
   np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
 
 
@@ -223,8 +228,8 @@ def test_max_pool_vjp_sends_ties_to_the_first_maximum(stride, pad_value):
   x = jnp.asarray(x)
   out = layers.max_pool(x, 3, stride=stride, padding=1, pad_value=pad_value, impl="shift_vjp")
   ct = _x(out.shape, seed=3)
-  grad = jax.grad(lambda a: jnp.sum(ct * layers.max_pool(
-      a, 3, stride=stride, padding=1, pad_value=pad_value, impl="shift_vjp")))(x)
+  grad = jax.jit(jax.grad(lambda a: jnp.sum(ct * layers.max_pool(
+      a, 3, stride=stride, padding=1, pad_value=pad_value, impl="shift_vjp"))))(x)
   want = _np_max_pool_grad_first_max(np.asarray(x), np.asarray(ct), stride, pad_value)
   np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
 
@@ -245,10 +250,10 @@ def test_avg_pool_shift_vjp_equals_reduce_window(stride, count_include_pad, shap
   kw = dict(stride=stride, padding=1, count_include_pad=count_include_pad)
   ref = lambda a: layers.avg_pool(a, 3, impl="lax", **kw)
   fast = lambda a: layers.avg_pool(a, 3, impl="shift_vjp", **kw)
-  np.testing.assert_allclose(fast(x), ref(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(fast)(x), jax.jit(ref)(x), rtol=1e-6, atol=1e-6)
   ct = _x(ref(x).shape, seed=3)
-  g_fast = jax.grad(lambda a: jnp.sum(ct * fast(a)))(x)
-  g_ref = jax.grad(lambda a: jnp.sum(ct * ref(a)))(x)
+  g_fast = jax.jit(jax.grad(lambda a: jnp.sum(ct * fast(a))))(x)
+  g_ref = jax.jit(jax.grad(lambda a: jnp.sum(ct * ref(a))))(x)
   np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
 
 
