@@ -236,9 +236,12 @@ def test_warmup_phase_is_a_weights_only_sgd_step_on_the_nll(cifar10_subset_dir):
   s = config.search
   tx = optax.chain(optax.add_decayed_weights(float(s.weight_decay)),
                    optax.sgd(float(s.lr), momentum=float(s.momentum)))
-  loss, grads = jax.value_and_grad(nll)(state["params"])
-  upd, _ = tx.update(grads, tx.init(state["params"]), state["params"])
-  want = optax.apply_updates(state["params"], upd)
+  def reference_step(params):  # compiled: eagerly, each of its ops would be compiled alone
+    loss, grads = jax.value_and_grad(nll)(params)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    return loss, optax.apply_updates(params, upd)
+
+  loss, want = jax.jit(reference_step)(state["params"])
 
   copy = lambda tree: jax.tree.map(jnp.array, tree)  # the step donates its inputs
   new, acc = fns.warmup_step(copy(state), new_acc(), batch)
