@@ -8,6 +8,7 @@ and zero gradients through a dead subtree. Counts use `jax.eval_shape` (nothing 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import flax
@@ -75,21 +76,24 @@ def test_tree_cell_a_forward_equals_the_spec_formulas():
   # Non-trivial running statistics, so that eval-mode batch norms are not the identity.
   v = {"params": v["params"], "batch_stats": jax.tree.map(
       lambda a: a + 0.3 * jax.random.uniform(key, a.shape), v["batch_stats"])}
-  p, s = v["params"], v["batch_stats"]
-  op = lambda name, o, z, **kw: _op(p, s, f"{name}_{o}", o, z.shape[-1], z, **kw)
-  u1 = op("R1", "gconv_3x3", x, stride=2, groups=2)
-  u2 = op("R2", "gconv_3x3", x, stride=2, groups=2)
-  h = c // 2
-  r11 = lambda v_: jnp.concatenate([op("R111", "avg_pool_3x3", v_[..., :h]),
-                                    op("R112", "sep_7x7", v_[..., h:])], -1)
-  r12 = lambda v_: (op("R121", "sep_3x3", v_) + op("R122", "sep_5x5", v_)) / 2
-  r1 = (r11(op("R11", "conv_1x1", u1)) + r12(op("R12", "max_pool_3x3", u1))) / 2
-  r21 = lambda v_: (op("R211", "sep_5x5", v_) + op("R212", "avg_pool_3x3", v_)
-                    + op("R213", "avg_pool_3x3", v_)) / 3
-  r22 = lambda v_: (op("R221", "avg_pool_3x3", v_) + op("R222", "sep_3x3", v_)) / 2
-  r2 = (r21(op("R21", "sep_5x5", u2)) + r22(op("R22", "sep_3x3", u2))) / 2
-  want = (r1 + r2) / 2
-  got = model.apply(v, x, train=False)
+
+  def written_out(p, s, x):  # compiled: eagerly, each of its ops would be compiled alone
+    op = lambda name, o, z, **kw: _op(p, s, f"{name}_{o}", o, z.shape[-1], z, **kw)
+    u1 = op("R1", "gconv_3x3", x, stride=2, groups=2)
+    u2 = op("R2", "gconv_3x3", x, stride=2, groups=2)
+    h = c // 2
+    r11 = lambda v_: jnp.concatenate([op("R111", "avg_pool_3x3", v_[..., :h]),
+                                      op("R112", "sep_7x7", v_[..., h:])], -1)
+    r12 = lambda v_: (op("R121", "sep_3x3", v_) + op("R122", "sep_5x5", v_)) / 2
+    r1 = (r11(op("R11", "conv_1x1", u1)) + r12(op("R12", "max_pool_3x3", u1))) / 2
+    r21 = lambda v_: (op("R211", "sep_5x5", v_) + op("R212", "avg_pool_3x3", v_)
+                      + op("R213", "avg_pool_3x3", v_)) / 3
+    r22 = lambda v_: (op("R221", "avg_pool_3x3", v_) + op("R222", "sep_3x3", v_)) / 2
+    r2 = (r21(op("R21", "sep_5x5", u2)) + r22(op("R22", "sep_3x3", u2))) / 2
+    return (r1 + r2) / 2
+
+  want = jax.jit(written_out)(v["params"], v["batch_stats"], x)
+  got = jax.jit(functools.partial(model.apply, train=False))(v, x)
   assert got.shape == (2, 4, 4, c)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
