@@ -129,8 +129,10 @@ def test_depthwise_impls_give_the_same_eval_net(tiny):
       lambda: ref.init({"params": jax.random.key(0)}, images, train=False))["params"])
   assert p == jax.tree.map(jnp.shape, variables["params"])
   logits, _, _ = train_apply(variables, images, 0.0, jax.random.key(1))
-  (ref_logits, _), _ = ref.apply(variables, images, train=True, drop_prob=0.0,
-                                 rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+  # Compiled: eagerly, each op of the 'lax' network would be compiled alone.
+  (ref_logits, _), _ = jax.jit(lambda v, x: ref.apply(
+      v, x, train=True, drop_prob=0.0, rngs={"dropout": jax.random.key(1)},
+      mutable=["batch_stats"]))(variables, images)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
