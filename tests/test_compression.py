@@ -125,8 +125,16 @@ def _random_variables(arch, seed=0):
   return v
 
 
+@functools.lru_cache(maxsize=None)
+def _logits_fn(arch):
+  """The switched network's logits as one compiled program per `arch` (eagerly, each op would be
+  compiled on its own)."""
+  return jax.jit(lambda variables, switches, x: networks.CompressNet(arch).apply(
+      variables, x, groups.unit_switches(arch, switches)))
+
+
 def _logits(arch, variables, switches, x):
-  return networks.CompressNet(arch).apply(variables, x, groups.unit_switches(arch, switches))
+  return _logits_fn(arch)(variables, switches, x)
 
 
 @pytest.mark.parametrize("arch, layer", [(networks.lenet5(), "conv2"), (networks.lenet300_100(), "fc1"),
