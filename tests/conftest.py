@@ -16,9 +16,7 @@ outside shared/: ``$BNAS_DATA_CACHE``, else ``$BNAS_DATA_DIR``, default ``~/.cac
 shared/ is found as ``$BNAS_SHARED``, else ``<repo>/shared``, else ``<repo>/../shared`` (CI runs a
 fresh clone with shared/ beside it).
 
-JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the data cache that
-keeps every program, however small (the ops the tests and the runners dispatch outside ``jit``
-are each compiled on their own; cached, the test processes share them and a rerun loads them), and
+JAX: float32 (``jax_enable_x64`` off), a persistent compilation cache under the data cache, and
 ``jax_disable_most_optimizations`` on, also in the subprocesses the tests start (they inherit
 ``JAX_DISABLE_MOST_OPTIMIZATIONS``): the suite is bound by compiling hundreds of tiny programs, whose
 XLA/LLVM optimisation costs more time than it saves. Numerics are unchanged up to float rounding.
@@ -47,7 +45,7 @@ def _cache_dir() -> str:
 def pytest_configure(config):  # pylint: disable=unused-argument
   jax.config.update('jax_enable_x64', False)
   jax.config.update('jax_compilation_cache_dir', os.path.join(_cache_dir(), 'jax_compilation_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   if os.environ.get('BNAS_TEST_FULL_OPT') != '1':
     jax.config.update('jax_disable_most_optimizations', True)
     os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # read by subprocesses' JAX at import
