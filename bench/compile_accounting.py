@@ -30,9 +30,11 @@ import glob
 import json
 import os
 import sys
+import tempfile
 
 EVENT = "/jax/core/compile/backend_compile_duration"
-LOG_DIR = os.environ.get("BNAS_COMPILE_LOG", os.path.join("/tmp", "bnas_jax_compiles"))
+LOG_DIR = os.environ.get("BNAS_COMPILE_LOG",
+                         os.path.join(tempfile.gettempdir(), "bnas_jax_compiles"))
 
 
 def _register() -> None:
