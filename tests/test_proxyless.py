@@ -122,7 +122,7 @@ def test_pyramidnet_forward_shapes_and_drop_path_only_in_training():
   model = pn.create_pyramidnet("tree_cell_b", 1, 4, 2, num_classes=7, dw_impl="shift")
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   v = helpers.jit_init(model, jax.random.key(1), x, train=False)
-  # Compiled: run eagerly, every op of the first call is compiled on its own (about 25 s here).
+  # Compiled: run eagerly, every op of the first call would be compiled on its own.
   apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
   logits, aux = apply(v, x, train=False, drop_prob=0.5)
   assert logits.shape == (2, 7) and aux is None
