@@ -33,20 +33,25 @@ import sys
 import tempfile
 
 EVENT = "/jax/core/compile/backend_compile_duration"
+# Tracing and lowering of jitted functions (recorded too, as the fourth field of a line).
+STAGES = {EVENT: "xla", "/jax/core/compile/jaxpr_trace_duration": "trace",
+          "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
 LOG_DIR = os.environ.get("BNAS_COMPILE_LOG",
                          os.path.join(tempfile.gettempdir(), "bnas_jax_compiles"))
 
 
 def _register() -> None:
-  """Plugin half: append ``[test id, function name, seconds]`` for each backend compile."""
+  """Plugin half: append ``[test id, function name, seconds, stage]`` for each backend compile
+  (stage ``xla``), tracing (``trace``) and lowering (``lower``)."""
   from jax import monitoring  # pylint: disable=g-import-not-at-top
   os.makedirs(LOG_DIR, exist_ok=True)
   out = open(os.path.join(LOG_DIR, f"compiles.{os.getpid()}.jsonl"), "a")  # pylint: disable=consider-using-with
 
   def listener(event, duration, **kwargs):
-    if event == EVENT:
+    if event in STAGES:
       test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
-      out.write(json.dumps([test, kwargs.get("fun_name"), round(float(duration), 4)]) + "\n")
+      out.write(json.dumps([test, kwargs.get("fun_name"), round(float(duration), 4),
+                            STAGES[event]]) + "\n")
       out.flush()
 
   monitoring.register_event_duration_secs_listener(listener)
@@ -64,7 +69,7 @@ def _eager_names() -> set[str]:
   return {f"jit({n})" for n in names}
 
 
-def summarize(log_dir: str, top: int) -> None:
+def summarize(log_dir: str, top: int, by: str = "eager") -> None:
   rows = []
   for path in sorted(glob.glob(os.path.join(log_dir, "compiles.*.jsonl"))):
     with open(path) as f:
@@ -77,26 +82,42 @@ def summarize(log_dir: str, top: int) -> None:
   count = collections.Counter()
   per_test = collections.defaultdict(collections.Counter)
   per_module = collections.defaultdict(collections.Counter)
-  for test, name, seconds in rows:
+  stages = collections.Counter()
+  names = collections.defaultdict(collections.Counter)
+  for row in rows:
+    test, name, seconds = row[:3]
+    stage = row[3] if len(row) > 3 else "xla"
+    if stage != "xla":
+      stages[stage] += seconds
+      continue
     k = kind(name)
+    if k == "jitted":
+      names[name][test.split("::")[0]] += seconds
     total[k] += seconds
     count[k] += 1
     per_test[test][k] += seconds
     per_module[test.split("::")[0]][k] += seconds
   print(f"{len(rows)} backend compiles: eager ops {count['eager']} in {total['eager']:.1f} s, "
         f"jitted programs {count['jitted']} in {total['jitted']:.1f} s (summed over processes)")
+  if stages:
+    print(f"tracing {stages['trace']:.1f} s, lowering {stages['lower']:.1f} s (jitted functions)")
   for title, table in (("module", per_module), ("test", per_test)):
-    print(f"\n{'eager s':>8} {'jitted s':>9}  {title} (by eager seconds)")
-    for name, c in sorted(table.items(), key=lambda kv: -kv[1]["eager"])[:top]:
+    print(f"\n{'eager s':>8} {'jitted s':>9}  {title} (by {by} seconds)")
+    for name, c in sorted(table.items(), key=lambda kv: -kv[1][by])[:top]:
       print(f"{c['eager']:8.1f} {c['jitted']:9.1f}  {name}")
+  print(f"\n{'jitted s':>9} {'modules':>7}  jitted function name (by seconds)")
+  for name, c in sorted(names.items(), key=lambda kv: -sum(kv[1].values()))[:top]:
+    print(f"{sum(c.values()):9.1f} {len(c):7d}  {name}")
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("log_dir", nargs="?", default=LOG_DIR)
   p.add_argument("--top", type=int, default=20)
+  p.add_argument("--by", choices=("eager", "jitted"), default="eager",
+                 help="order the module and test tables by these seconds")
   args = p.parse_args()
-  summarize(args.log_dir, args.top)
+  summarize(args.log_dir, args.top, args.by)
 
 
 if __name__ == "__main__":
