@@ -4,8 +4,9 @@ Two halves in one file:
 
 * a pytest plugin that records every backend compile (JAX's
   ``/jax/core/compile/backend_compile_duration`` event: XLA's compile, or its load from the
-  persistent cache) with the running test and the compiled function's name, one JSON line per
-  compile in ``<log dir>/compiles.<pid>.jsonl`` (each xdist worker writes its own file);
+  persistent cache), every tracing and every lowering of a jitted function, with the running test
+  and the function's name, one JSON line per event in ``<log dir>/compiles.<pid>.jsonl`` (each
+  xdist worker writes its own file);
 * a summary (run this file as a script) that splits the seconds into *eager ops* (a jax primitive
   or ``jax.numpy`` function called outside any ``jit``: each distinct op and shape is compiled on
   its own, in every process, and is too small for the persistent cache) and *jitted programs*,
@@ -16,7 +17,7 @@ Usage::
   rm -rf /tmp/compiles
   BNAS_COMPILE_LOG=/tmp/compiles PYTHONPATH=bench python -m pytest tests/ -n 2 --dist loadfile \
       -p compile_accounting
-  python bench/compile_accounting.py /tmp/compiles --top 25
+  python bench/compile_accounting.py /tmp/compiles --top 25 --by jitted
 
 Subprocesses started by the tests (the CLI and multi-process tests) are not recorded. The seconds
 are wall-clock on whatever else runs on the machine; compare the shares of one run.
@@ -97,7 +98,7 @@ def summarize(log_dir: str, top: int, by: str = "eager") -> None:
     count[k] += 1
     per_test[test][k] += seconds
     per_module[test.split("::")[0]][k] += seconds
-  print(f"{len(rows)} backend compiles: eager ops {count['eager']} in {total['eager']:.1f} s, "
+  print(f"{sum(count.values())} backend compiles: eager ops {count['eager']} in {total['eager']:.1f} s, "
         f"jitted programs {count['jitted']} in {total['jitted']:.1f} s (summed over processes)")
   if stages:
     print(f"tracing {stages['trace']:.1f} s, lowering {stages['lower']:.1f} s (jitted functions)")
