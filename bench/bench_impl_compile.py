@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+import bench_opt_level  # this folder is on sys.path when a bench script runs
+
 VARIANTS = ("shift_vjp", "shift", "scan", "lax", "dw:lax", "pool:lax", "conv:lax", "noremat")
 
 
@@ -54,17 +56,7 @@ def _one(space: str, variant: str, steps: int) -> None:
            "label": jax.random.randint(ky, (4,), 0, 10)}
   variables = supernet_lib.init_variables(model, jax.random.PRNGKey(1), batch["image"], switches)
   tx = optax.sgd(0.1, momentum=0.9)
-
-  def step(params, switches, batch_stats, opt_state, batch):
-    def loss_fn(params, switches):
-      logits, new = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                switches, train=True, mutable=["batch_stats"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-      return loss, new["batch_stats"]
-    (_, stats), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, switches)
-    updates, opt_state = tx.update(grads, opt_state, (params, switches))
-    return optax.apply_updates((params, switches), updates), stats, opt_state
-
+  step = bench_opt_level.sgd_train_step(model, tx)
   inputs = (variables["params"], switches, variables["batch_stats"],
             tx.init((variables["params"], switches)), batch)
   t0 = time.perf_counter()

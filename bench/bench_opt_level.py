@@ -27,6 +27,26 @@ import sys
 import time
 
 
+def sgd_train_step(model, tx):
+  """``(params, switches, batch_stats, opt_state, batch) -> ((params, switches), batch_stats,
+  opt_state)``: forward + backward of the mean cross-entropy and one `tx` update of weights and
+  switches together (the benches' train step; the runner's adds the penalty and two optimisers)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def step(params, switches, batch_stats, opt_state, batch):
+    def loss_fn(params, switches):
+      logits, new = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                switches, train=True, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return loss, new["batch_stats"]
+    (_, stats), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, switches)
+    updates, opt_state = tx.update(grads, opt_state, (params, switches))
+    return optax.apply_updates((params, switches), updates), stats, opt_state
+
+  return step
+
+
 def _one(args) -> None:
   """Child process: compile `args.program` at `args.level`, print one line ``compile run``."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -46,17 +66,7 @@ def _one(args) -> None:
       jax.random.key(1, impl="unsafe_rbg"))
   if args.program == "train":
     tx = optax.sgd(0.1, momentum=0.9)
-
-    def fn(params, switches, batch_stats, opt_state, batch):
-      def loss_fn(params, switches):
-        logits, new = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
-                                  switches, train=True, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        return loss, new["batch_stats"]
-      (_, stats), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params,
-                                                                                     switches)
-      updates, opt_state = tx.update(grads, opt_state, (params, switches))
-      return optax.apply_updates((params, switches), updates), stats, opt_state
+    fn = sgd_train_step(model, tx)
 
     inputs = (variables["params"], switches, variables["batch_stats"],
               tx.init((variables["params"], switches)), batch)
