@@ -3,8 +3,8 @@
 * Exactness (float64, against the diagonal of ``jax.hessian``): where no value reaches an output
   along two paths and each output's curvature is diagonal, the squared backward pass is the exact
   Hessian diagonal: a chain of elementwise layers with one switch per class, the weights of one
-  dense layer, the weights of one convolution (lax, im2col, and the custom-VJP depthwise
-  shift-and-multiply) with one softmax per (example, position).
+  dense layer, the weights of one convolution (lax, im2col, the custom-VJP lax conv and the
+  custom-VJP depthwise shift-and-multiply) with one softmax per (example, position).
 * Tiny bayesnas / darts / nb201 supernets (float32, batch statistics held fixed): finite,
   non-negative, zero exactly where the exact GGN is zero, and ranked like the exact GGN
   (Spearman correlation printed and bounded from below); the custom-VJP and plain-AD ops give the
@@ -122,6 +122,8 @@ CONVS = {
         x, w, (2, 2), [(2, 2)] * 2, rhs_dilation=(2, 2),
         dimension_numbers=("NHWC", "HWIO", "NHWC")), (3, 3, 2, C)),
     "im2col": (functools.partial(layers.conv, stride=1, padding=1, impl="im2col"), (3, 3, 2, C)),
+    "lax_vjp_stride2_dilated": (functools.partial(layers.conv, stride=2, padding=2, dilation=2,
+                                                  impl="lax_vjp"), (3, 3, 2, C)),
     "depthwise_shift_vjp": (functools.partial(layers.depthwise_conv, stride=2, padding=2,
                                               dilation=2, impl="shift_vjp"), (3, 3, C)),
 }

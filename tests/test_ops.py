@@ -129,8 +129,10 @@ def test_fast_depthwise_equals_lax_conv(k, stride, dilation, impl):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "lax_vjp"])
 @pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 2), (5, 1, 2), (5, 2, 1)])
-def test_im2col_conv_equals_lax_conv_with_gradients(k, stride, dilation):
+def test_im2col_and_lax_vjp_convs_equal_lax_conv_with_gradients(k, stride, dilation, impl):
+  # Odd and even sizes (11 x 10), so stride 2 drops a row but not a column.
   x = _x((2, 11, 10, 3))
   w = _x((k, k, 3, 4), seed=1)
   pad = dilation * (k - 1) // 2
@@ -138,12 +140,12 @@ def test_im2col_conv_equals_lax_conv_with_gradients(k, stride, dilation):
                                  rhs_dilation=(dilation, dilation),
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
   got = jax.jit(functools.partial(layers.conv, stride=stride, padding=pad, dilation=dilation,
-                                  impl="im2col"))(x, w)
+                                  impl=impl))(x, w)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   ct = _x(ref.shape, seed=2)
   grads = [jax.jit(jax.grad(lambda a, b, impl=impl: jnp.sum(ct * layers.conv(
       a, b, stride=stride, padding=pad, dilation=dilation, impl=impl)), argnums=(0, 1)))(x, w)
-           for impl in ("im2col", "lax")]
+           for impl in (impl, "lax")]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="unknown conv impl 'cudnn'"):

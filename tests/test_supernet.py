@@ -229,8 +229,8 @@ def _loss_grads_and_stats(cell, variables, inputs, sw):
 
 
 def test_unrolled_edge_loop_equals_scan_with_gradients_and_stats():
-  # bayesnas reduction cell: stride-2 and stride-1 phases, dense dilated convs (im2col in the scan,
-  # lax convs unrolled), batch statistics updated through the loop.
+  # bayesnas reduction cell: stride-2 and stride-1 phases, dense dilated convs, batch statistics
+  # updated through the loop.
   _, _, scan, variables, inputs, sw = _cell_case("bayesnas", "reduce")
   res = [_loss_grads_and_stats(m, variables, inputs, sw)
          for m in (scan, scan.clone(edge_loop="unroll"))]

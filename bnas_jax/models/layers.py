@@ -10,7 +10,8 @@ Why these exist: on CPU, XLA lowers a depthwise convolution written as
   and sum into one loop, and the backward pass is the same pattern again; it equals
   ``lax.conv_general_dilated`` with ``feature_group_count=C`` (tested in ``tests/test_ops.py``);
 * a 1 x 1 convolution is a matrix product over the channel axis (``dot_general``);
-* a dense k x k convolution inside the supernet's edge loop is an im2col matrix product (`conv`);
+* a dense k x k convolution inside the supernet's edge loop is an im2col matrix product, or an
+  XLA convolution whose backward pass is written in forward form (`conv`);
 * 3 x 3 max and average pooling are shifted slices with custom VJPs (`max_pool`, `avg_pool`).
 
 All functions are pure; kernels follow the PyTorch semantics of the referenced op (explicit
@@ -234,7 +235,7 @@ def _depthwise_scan(x: Array, kernel: Array, stride: int, padding: int, dilation
   return acc
 
 
-CONV_IMPLS = ("lax", "im2col")
+CONV_IMPLS = ("lax", "im2col", "lax_vjp")
 
 
 def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, dilation: int = 1,
@@ -244,11 +245,16 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, dilation
   1 x 1 kernels become a matrix product over the channel axis (after strided subsampling).
 
   Args:
-    impl: ``'lax'`` (`lax.conv_general_dilated`) or ``'im2col'`` (the k * k shifted windows
-      concatenated along channels, then one matrix product with the ``[k * k * Ci, Co]`` kernel).
-      XLA:CPU runs a convolution inside a loop body (the supernet's `lax.scan` over edges) much
-      more slowly than outside one, while the matrix product keeps its speed there
-      (docs/performance.md). Outside loops 'lax' is the better choice.
+    impl: ``'lax'`` (`lax.conv_general_dilated`), ``'im2col'`` (the k * k shifted windows
+      concatenated along channels, then one matrix product with the ``[k * k * Ci, Co]`` kernel)
+      or ``'lax_vjp'`` (reverse mode only: the 'lax' forward pass with a custom VJP whose input
+      gradient is a plain forward convolution of the zero-interleaved, padded cotangent with the
+      flipped kernel, and whose kernel gradient is the im2col product ``cols^T @ ct``).
+      Inside a loop body (the supernet's `lax.scan` over edges) XLA:CPU runs the convolutions
+      that JAX's own transpose rules emit (kernel gradient ``f01b_i01o->01bf``, input gradient
+      with an ``oi`` kernel) as slow generic loops, while the forward convolution and matrix
+      products keep their speed there (docs/performance.md). Outside loops 'lax' is the better
+      choice.
 
   Raises:
     ValueError: on a kernel/input channel mismatch or an unknown `impl`.
@@ -263,10 +269,49 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, dilation
       x = x[:, ::stride, ::stride, :]
     return jnp.dot(x, kernel[0, 0])
   if impl == "im2col":
-    cols = lax.concatenate([s for _, s in _window_slices(x, k, stride, padding, dilation)], 3)
-    return jnp.dot(cols, kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]))
+    return jnp.dot(_im2col(x, k, stride, padding, dilation),
+                   kernel.reshape(k * k * kernel.shape[2], kernel.shape[3]))
+  if impl == "lax_vjp":
+    return _conv_lax_vjp(x, kernel, stride, padding, dilation)
+  return _conv_lax(x, kernel, stride, padding, dilation)
+
+
+def _im2col(x: Array, k: int, stride: int, padding: int, dilation: int) -> Array:
+  """f32[B, H, W, Ci] -> f32[B, Ho, Wo, k * k * Ci]: the windows, taps row-major, then channels."""
+  return lax.concatenate([s for _, s in _window_slices(x, k, stride, padding, dilation)], 3)
+
+
+def _conv_lax(x, kernel, stride, padding, dilation):
   return lax.conv_general_dilated(x, kernel, (stride, stride), [(padding, padding)] * 2,
                                   rhs_dilation=(dilation, dilation), dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_lax_vjp(x, kernel, stride, padding, dilation):
+  """`_conv_lax` with a backward pass of forward-form convolutions and matrix products."""
+  return _conv_lax(x, kernel, stride, padding, dilation)
+
+
+def _clv_fwd(x, kernel, stride, padding, dilation):
+  return _conv_lax(x, kernel, stride, padding, dilation), (x, kernel)
+
+
+def _clv_bwd(stride, padding, dilation, res, ct):
+  x, kernel = res
+  k, _, ci, co = kernel.shape
+  # Input gradient: a stride-1 correlation of the zero-interleaved, padded cotangent with the
+  # spatially flipped kernel whose in/out channels are swapped (an explicit HWIO kernel).
+  ctp = _transposed_pad(ct, x.shape[1:3], k, stride, padding, dilation)
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  dx = _conv_lax(ctp, flipped, 1, 0, dilation)
+  # Kernel gradient: the im2col windows of the input against the cotangent, summed over
+  # batch and positions.
+  cols = _im2col(x, k, stride, padding, dilation)
+  dk = lax.dot_general(cols, ct, (((0, 1, 2), (0, 1, 2)), ((), ())))
+  return dx, dk.reshape(k, k, ci, co)
+
+
+_conv_lax_vjp.defvjp(_clv_fwd, _clv_bwd)
 
 
 def _axis_shifts(a: Array, kernel: int, stride: int, axis: int, n_out: int):

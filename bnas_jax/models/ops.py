@@ -378,7 +378,7 @@ def _resnet_block(channels, stride, options, name):
 P = functools.partial
 
 # Candidate ops with a dense k x k convolution: they use ``OpOptions.conv_impl``
-# (`layers.conv`; the supernet's edge loop uses 'im2col' on CPU).
+# (`layers.conv`; on CPU the supernet's edge loop picks 'im2col' or 'lax_vjp': `supernet.Cell`).
 DENSE_CONV_OPS = {"bayesnas": ("dil3", "dil5"), "nb201": ("nor_conv_3x3",)}
 
 OPS: dict[str, dict[str, OpFactory]] = {

@@ -224,6 +224,19 @@ def _edge_groups(topo: spaces.CellTopology, eids: list[int], alive: np.ndarray,
   return groups
 
 
+def _loop_conv_impl(family: str, edge_loop: str, dw_impl: str) -> str:
+  """The `layers.conv` impl of the dense k x k convs of a cell's edges (docs/performance.md).
+
+  In the scan over edges XLA:CPU runs the convolutions of JAX's transpose rules slowly; so on the
+  CPU paths (`dw_impl` other than 'lax') the BayesNAS dilated convs are 'lax_vjp' in reverse mode
+  ('shift_vjp') and im2col matrix products otherwise (forward-mode curvature, 'shift'), and the
+  NAS-Bench-201 3 x 3 convs stay im2col products. Unrolled edges and 'lax' use XLA convolutions.
+  """
+  if edge_loop != "scan" or dw_impl == "lax":
+    return "lax"
+  return "lax_vjp" if family == "bayesnas" and dw_impl == "shift_vjp" else "im2col"
+
+
 class Cell(nn.Module):
   """One searched cell; inputs are the (preprocessed) node tensors.
 
@@ -298,8 +311,7 @@ class Cell(nn.Module):
       buf = jnp.concatenate([jnp.stack(inputs),
                              jnp.zeros((topo.num_nodes, b, h, w, c), dtype)])
       xin = None
-    # Dense convs in a loop body are slow on XLA:CPU; im2col matrix products are not (layers.conv).
-    conv_impl = "im2col" if self.edge_loop == "scan" and self.dw_impl != "lax" else "lax"
+    conv_impl = _loop_conv_impl(sp.family, self.edge_loop, self.dw_impl)
     for pname, eids, stride in phases:
       if not eids:
         continue
