@@ -9,7 +9,8 @@ lowering and XLA seconds, then the median of a few steps. Variants:
 * ``shift_vjp`` (the CPU default), ``shift``, ``scan``, ``lax``: the supernet's ``dw_impl``
   (``lax`` also makes the pools ``reduce_window`` and the dense convs XLA convolutions);
 * ``dw:lax``, ``pool:lax``, ``conv:lax``: only the depthwise convs, the pools or the dense convs
-  as their ``lax`` form, the rest as ``shift_vjp``;
+  as their ``lax`` form, the rest as ``shift_vjp``; ``conv:im2col``: the dense convs as im2col
+  products with plain autodiff (in ``shift_vjp`` the BayesNAS ones are ``'lax_vjp'``);
 * ``noremat``: ``shift_vjp`` without ``remat``.
 
 Usage:
@@ -30,7 +31,8 @@ import time
 
 import bench_opt_level  # this folder is on sys.path when a bench script runs
 
-VARIANTS = ("shift_vjp", "shift", "scan", "lax", "dw:lax", "pool:lax", "conv:lax", "noremat")
+VARIANTS = ("shift_vjp", "shift", "scan", "lax", "dw:lax", "pool:lax", "conv:lax", "conv:im2col",
+            "noremat")
 
 
 def _one(space: str, variant: str, steps: int) -> None:
@@ -43,11 +45,12 @@ def _one(space: str, variant: str, steps: int) -> None:
   kw = {"dw_impl": variant if variant in ("shift_vjp", "shift", "scan", "lax") else "shift_vjp"}
   if variant == "noremat":
     kw["remat"] = False
-  if ":" in variant:  # one family of ops forced to its lax form
+  if ":" in variant:  # one family of ops forced to one impl
+    family, impl = variant.split(":")
     names = {"dw": ("depthwise_conv",), "pool": ("max_pool", "avg_pool"), "conv": ("conv",)}
-    for name in names[variant.split(":")[0]]:
+    for name in names[family]:
       real = getattr(layers, name)
-      setattr(layers, name, lambda *a, _f=real, **k: _f(*a, **dict(k, impl="lax")))
+      setattr(layers, name, lambda *a, _f=real, _i=impl, **k: _f(*a, **dict(k, impl=_i)))
   cells = 1 if space == "nb201" else 3
   model = supernet_lib.create_supernet(space, 4, cells, 10, **kw)
   switches = supernet_lib.init_switches(space, cells)

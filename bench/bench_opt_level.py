@@ -55,7 +55,9 @@ def _one(args) -> None:
   from bnas_jax import search_steps  # pylint: disable=g-import-not-at-top
   from bnas_jax.models import supernet as supernet_lib  # pylint: disable=g-import-not-at-top
 
-  model = supernet_lib.create_supernet(args.space, args.channels, args.cells, 10)
+  # dw_impl='auto', as the runner builds it ('shift_vjp' on a CPU; the curvature below clones it
+  # to 'shift' for the forward-mode kinds, as the runner does).
+  model = supernet_lib.create_supernet(args.space, args.channels, args.cells, 10, dw_impl="auto")
   switches = supernet_lib.init_switches(args.space, args.cells)
   kx, ky = jax.random.split(jax.random.PRNGKey(0))
   batch_size = args.eval_batch if args.program == "eval" else args.batch
