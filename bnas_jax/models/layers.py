@@ -249,7 +249,8 @@ def conv(x: Array, kernel: Array, *, stride: int = 1, padding: int = 0, dilation
       concatenated along channels, then one matrix product with the ``[k * k * Ci, Co]`` kernel)
       or ``'lax_vjp'`` (reverse mode only: the 'lax' forward pass with a custom VJP whose input
       gradient is a plain forward convolution of the zero-interleaved, padded cotangent with the
-      flipped kernel, and whose kernel gradient is the im2col product ``cols^T @ ct``).
+      flipped kernel, and whose kernel gradient is one matrix product of the cotangent and a
+      window slice per tap).
       Inside a loop body (the supernet's `lax.scan` over edges) XLA:CPU runs the convolutions
       that JAX's own transpose rules emit (kernel gradient ``f01b_i01o->01bf``, input gradient
       with an ``oi`` kernel) as slow generic loops, while the forward convolution and matrix
@@ -304,11 +305,14 @@ def _clv_bwd(stride, padding, dilation, res, ct):
   ctp = _transposed_pad(ct, x.shape[1:3], k, stride, padding, dilation)
   flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
   dx = _conv_lax(ctp, flipped, 1, 0, dilation)
-  # Kernel gradient: the im2col windows of the input against the cotangent, summed over
-  # batch and positions.
-  cols = _im2col(x, k, stride, padding, dilation)
-  dk = lax.dot_general(cols, ct, (((0, 1, 2), (0, 1, 2)), ((), ())))
-  return dx, dk.reshape(k, k, ci, co)
+  # Kernel gradient: tap (i, j) is the cotangent against the input's window slice, summed over
+  # batch and positions: one ``[Co, Ci]`` matrix product per tap, transposed at the end. The
+  # same sums as ``im2col(x)^T @ ct`` without the k*k-wide window buffer; with the cotangent on
+  # the left, XLA:CPU transposes it once for all taps instead of transposing every slice.
+  contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  dk = lax.concatenate([lax.dot_general(ct, sl, contract)[None] for _, sl in _window_slices(
+      x, k, stride, padding, dilation)], 0)  # [k * k, Co, Ci]
+  return dx, jnp.transpose(dk, (0, 2, 1)).reshape(k, k, ci, co)
 
 
 _conv_lax_vjp.defvjp(_clv_fwd, _clv_bwd)
