@@ -24,8 +24,9 @@ Deviations from the original code (documented on purpose):
   median live gamma of its switch kind (``bayes.prune_threshold``, relative mode), and the
   genotype is every op that survives (the original derived cells by hand). The threshold was
   chosen on an earlier program of the ``cpu`` variant, where three updates left 12 (normal) and
-  11 (reduce) ops; the current variant leaves 9 and 13, but float-rounding changes of the program
-  move the cell (docs/results.md), so it is not robust, and it is not tuned on the full protocol. ``--config.genotype.max_ops=13``
+  11 (reduce) ops; the current program leaves 10 and 4: float-rounding changes of the program
+  move the cell (docs/results.md), so the threshold is not robust, and it is not tuned on the
+  full protocol. ``--config.genotype.max_ops=13``
   caps the cell at the 13 surviving ops with the largest gamma, the size of the released cells.
 * Curvature: GGN diagonal over 10 batches of the mean loss with batch-norm statistics held fixed,
   H = h / lambda (``bayes.curvature_scale = 1``: the precision of the loss the switches are
