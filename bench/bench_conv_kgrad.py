@@ -5,15 +5,15 @@ gradient is the same in all): ``taps`` (the library's: one ``ct x window slice``
 the cotangent on the left), ``taps_slice_left`` (the same products with the slice on the left),
 ``im2col`` (the k * k window slices concatenated, then ``cols^T @ ct``: the earlier form),
 ``im2col_ct_left`` (the same buffer with the cotangent on the left) and ``conv`` (a forward-form
-convolution with batch and feature axes swapped). The program is an 8-edge `lax.scan` of
-``h <- h + conv(relu(h), kernel_e)`` with `jax.checkpoint` edges, forward + backward, as in
-`bench_loop_conv.py`. Prints per form the compile time, the median run time and the largest
+convolution with batch and feature axes swapped). The program is `bench_loop_conv.py`'s: an
+8-edge `lax.scan` of ``h <- h + conv(relu(h), kernel_e)`` with `jax.checkpoint` edges, forward +
+backward, stride 1. Prints per form the compile time, the median run time and the largest
 relative difference from the first form's values and gradients.
 
 Usage:
   python bench/bench_conv_kgrad.py                      # C = 8 on 32 x 32, 5 x 5, dilation 2
   python bench/bench_conv_kgrad.py --channels 36 --size 36
-  python bench/bench_conv_kgrad.py --forms taps,im2col --stride 2
+  python bench/bench_conv_kgrad.py --forms taps,im2col --kernel 3
 
 Timings are wall-clock on whatever else runs on the machine: compare the rows of one run.
 """
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+import bench_loop_conv  # bench/ is on sys.path
 from bnas_jax.models import layers
 
 _CONTRACT = (((0, 1, 2), (0, 1, 2)), ((), ()))
@@ -91,34 +92,9 @@ def make_conv(form: str):
   return lambda x, kernel, *, stride, padding, dilation: conv(x, kernel, stride, padding, dilation)
 
 
-def program(form: str, stride: int, padding: int, dilation: int):
-  """Jitted ``(kernels f32[E, k, k, C, C], x f32[B, H, W, C]) -> (loss, gradients)``."""
-  conv = functools.partial(make_conv(form), stride=stride, padding=padding, dilation=dilation)
-
-  @jax.checkpoint
-  def body(h, kernel):
-    y = conv(jax.nn.relu(h), kernel)
-    return (y if stride > 1 else h + y), None
-
-  def loss(kernels, x):
-    if stride > 1:  # the shape changes: one edge
-      h, _ = body(x, kernels[0])
-    else:
-      h, _ = lax.scan(body, x, kernels)
-    return jnp.sum(h ** 2)
-
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--batch", type=int, default=18)
-  p.add_argument("--size", type=int, default=32, help="H = W")
-  p.add_argument("--channels", type=int, default=8)
-  p.add_argument("--kernel", type=int, default=5)
-  p.add_argument("--dilation", type=int, default=2)
-  p.add_argument("--stride", type=int, default=1)
-  p.add_argument("--edges", type=int, default=8)
+  bench_loop_conv.add_shape_args(p)
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--forms", default=",".join(FORMS), help="comma list of " + ", ".join(FORMS))
   a = p.parse_args()
@@ -127,14 +103,13 @@ def main() -> None:
     if f not in FORMS:
       raise SystemExit(f"--forms: unknown form {f!r}; choose from {', '.join(FORMS)}")
   padding = a.dilation * (a.kernel - 1) // 2
-  kx, kk = jax.random.split(jax.random.PRNGKey(0))
-  x = jax.random.normal(kx, (a.batch, a.size, a.size, a.channels))
-  kernels = 0.05 * jax.random.normal(kk, (a.edges, a.kernel, a.kernel, a.channels, a.channels))
-  print(f"{a.kernel} x {a.kernel} conv, dilation {a.dilation}, stride {a.stride}, "
-        f"f32[{a.batch}, {a.size}, {a.size}, {a.channels}], {a.edges} edges, fwd + bwd", flush=True)
+  kernels, x = bench_loop_conv.inputs(a)
+  print(f"{a.kernel} x {a.kernel} conv, dilation {a.dilation}, f32{list(x.shape)}, {a.edges} "
+        "edges, fwd + bwd", flush=True)
   ref = None
   for form in forms:
-    fn = program(form, a.stride, padding, a.dilation)
+    fn = bench_loop_conv.loop_program(functools.partial(
+        make_conv(form), stride=1, padding=padding, dilation=a.dilation))
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(kernels, x))
     compile_s = time.perf_counter() - t0

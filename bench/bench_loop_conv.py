@@ -32,7 +32,12 @@ from bnas_jax.models import layers
 
 def program(impl: str, padding: int, dilation: int, unroll: bool):
   """Jitted ``(kernels f32[E, k, k, C, C], x f32[B, H, W, C]) -> (loss, gradients)``."""
-  conv = functools.partial(layers.conv, padding=padding, dilation=dilation, impl=impl)
+  return loop_program(
+      functools.partial(layers.conv, padding=padding, dilation=dilation, impl=impl), unroll)
+
+
+def loop_program(conv, unroll: bool = False):
+  """`program` for any ``conv(x f32[B, H, W, C], kernel f32[k, k, C, C]) -> f32[B, H, W, C]``."""
 
   @jax.checkpoint
   def body(h, k):
@@ -50,21 +55,31 @@ def program(impl: str, padding: int, dilation: int, unroll: bool):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+  """The loop's shape flags: --batch, --size, --channels, --kernel, --dilation, --edges."""
   p.add_argument("--batch", type=int, default=18)
   p.add_argument("--size", type=int, default=32, help="H = W")
   p.add_argument("--channels", type=int, default=8)
   p.add_argument("--kernel", type=int, default=5)
   p.add_argument("--dilation", type=int, default=2)
   p.add_argument("--edges", type=int, default=8)
+
+
+def inputs(a):
+  """``(kernels f32[E, k, k, C, C], x f32[B, H, W, C])`` for the flags of `add_shape_args`."""
+  kx, kk = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (a.batch, a.size, a.size, a.channels))
+  return 0.1 * jax.random.normal(kk, (a.edges, a.kernel, a.kernel, a.channels, a.channels)), x
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_shape_args(p)
   p.add_argument("--impls", default="lax,im2col,lax_vjp")
   p.add_argument("--unroll", action="store_true", help="also the unrolled loop of each impl")
   p.add_argument("--repeats", type=int, default=5)
   a = p.parse_args()
-  kx, kk = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (a.batch, a.size, a.size, a.channels))
-  ks = 0.1 * jax.random.normal(kk, (a.edges, a.kernel, a.kernel, a.channels, a.channels))
+  ks, x = inputs(a)
   pad = a.dilation * (a.kernel - 1) // 2
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; x f32{list(x.shape)}, "
         f"{a.edges} edges of a {a.kernel} x {a.kernel} conv, dilation {a.dilation}, fwd + bwd")
